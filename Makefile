@@ -1,0 +1,58 @@
+# The front door. Every target uses the project's own virtual environment.
+PY      := .venv/bin/python
+DATA    ?= demo
+OUT     ?= data
+SRC     ?=
+FORMATS ?= beton,rec
+CONFIG  ?= configs/demo.yaml
+ARGS    ?=
+
+.PHONY: help setup test train dataset bench eval lint
+
+help:
+	@echo "make setup            create .venv/ and install ressl with all extras (+ Debian packages FFCV needs, as root)"
+	@echo "make train            demo dataset (if missing) + a short demo run with kNN before/after"
+	@echo "make test             run the test suite (CPU)"
+	@echo "make dataset DATA=... write data/NAME/ (ImageFolder, .beton, .rec); SRC=path OUT=dir FORMATS=beton,rec"
+	@echo "make bench ARGS=...   images/s of loaders, model step and end to end (JSON)"
+	@echo "make eval CKPT=...    kNN + linear probe + t-SNE of a checkpoint"
+	@echo "make lint             ruff"
+
+setup:
+	@echo "==> Debian packages for FFCV (libturbojpeg, OpenCV, pkg-config)"
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libturbojpeg0-dev libopencv-dev pkg-config >/dev/null; \
+	else echo "    (not root or no apt-get: install libturbojpeg0-dev libopencv-dev pkg-config yourself for the [ffcv] extra)"; fi
+	@echo "==> virtual environment .venv/"
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	@echo "==> torch + torchvision (matching pair), then ressl editable with [dali,ffcv,dev]"
+	$(PY) -m pip install -q "torch>=2.9,<2.15" "torchvision>=0.24,<0.30"
+	$(PY) -m pip install -q -e ".[dali,ffcv,dev]"
+	$(PY) -c "import torch, torchvision, pipelines; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'backends', pipelines.available_backends())"
+
+test:
+	@echo "==> pytest (CPU)"
+	$(PY) -m pytest -q
+
+dataset:
+	@echo "==> tools/dataset.py $(DATA) -> $(OUT)/$(DATA)"
+	$(PY) tools/dataset.py $(DATA) --out $(OUT) $(if $(SRC),--src $(SRC)) --formats $(FORMATS) \
+		$(if $(MAX_SIDE),--max-side $(MAX_SIDE)) $(if $(QUALITY),--quality $(QUALITY)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
+
+train:
+	@test -d $(OUT)/demo/train || $(MAKE) dataset DATA=demo
+	@echo "==> demo training run ($(CONFIG))"
+	$(PY) tools/train.py --config $(CONFIG) $(ARGS)
+
+bench:
+	@echo "==> tools/bench.py $(ARGS)"
+	$(PY) tools/bench.py $(ARGS)
+
+eval:
+	@echo "==> tools/eval.py $(CKPT)"
+	$(PY) tools/eval.py --ckpt $(CKPT) $(ARGS)
+
+lint:
+	@echo "==> ruff"
+	$(PY) -m ruff check ressl pipelines tools tests

@@ -1,0 +1,78 @@
+"""EMA teacher update and its momentum schedule.
+
+The update works in place on flat parameter lists with ``torch._foreach_*`` (one fused kernel per
+list on GPU) instead of reassigning ``.data`` per tensor. Buffers (BatchNorm running mean/var and
+``num_batches_tracked``) are *copied* from the student: the teacher runs its BN in train mode, so its
+running statistics are never used for its own outputs, and copying keeps them meaningful should the
+teacher ever be evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["ema_update_", "momentum_at"]
+
+
+def _paired(teacher: nn.Module, student: nn.Module, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher tensors and the student tensors of the same name; the student may have more (a predictor)."""
+    src = dict(student.named_parameters() if kind == "parameter" else student.named_buffers())
+    dst = teacher.named_parameters() if kind == "parameter" else teacher.named_buffers()
+    t_list, s_list = [], []
+    for name, t in dst:
+        s = src.get(name)
+        if s is None:
+            raise KeyError(f"teacher {kind} {name!r} has no student {kind} of the same name")
+        if s.shape != t.shape:
+            raise ValueError(f"teacher {kind} {name!r} has shape {tuple(t.shape)}, student {tuple(s.shape)}")
+        t_list.append(t)
+        s_list.append(s)
+    return t_list, s_list
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """In place: ``t = m * t + (1 - m) * s`` for every teacher parameter, buffers copied from the student.
+
+    Tensors are matched by name, so ``student`` may hold modules the teacher lacks (the TPAMI
+    predictor); those are ignored. ``momentum == 1`` leaves parameters bit-identical and
+    ``momentum == 0`` copies them exactly.
+
+    Args:
+        teacher: EMA module, updated in place.
+        student: trained module with (at least) the teacher's parameter and buffer names.
+        momentum: m in [0, 1].
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+    t_params, s_params = _paired(teacher, student, "parameter")
+    if t_params and momentum < 1.0:
+        s_params = [s.detach().to(t.dtype) for t, s in zip(t_params, s_params)]
+        if momentum == 0.0:
+            torch._foreach_copy_(t_params, s_params)
+        else:
+            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    t_bufs, s_bufs = _paired(teacher, student, "buffer")
+    if t_bufs:
+        torch._foreach_copy_(t_bufs, [s.detach() for s in s_bufs])
+
+
+def momentum_at(step: int, total_steps: int, base: float, schedule: str) -> float:
+    """EMA momentum at optimiser step ``step`` of ``total_steps``.
+
+    ``constant`` returns ``base``; ``cosine`` rises from ``base`` at step 0 to 1 at the last step
+    (BYOL's schedule: ``1 - (1 - base) * (cos(pi * step / total) + 1) / 2``).
+    """
+    if not 0.0 <= base <= 1.0:
+        raise ValueError(f"momentum base must be in [0, 1], got {base}")
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0 for the cosine momentum schedule, got {total_steps}")
+        frac = min(max(step / total_steps, 0.0), 1.0)
+        return 1.0 - (1.0 - base) * (math.cos(math.pi * frac) + 1.0) / 2.0
+    raise ValueError(f"momentum schedule must be 'constant' or 'cosine', got {schedule!r}")

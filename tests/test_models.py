@@ -1,0 +1,52 @@
+"""Backbone registry (parametrised over every entry, tiny inputs), heads and name checks."""
+
+import pytest
+import torch
+
+from ressl.models import BACKBONES, Predictor, ProjectionHead, build_backbone, build_model, check_backbone_name
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_registry_backbone_is_headless_with_discovered_width(name):
+    torch.manual_seed(0)
+    net, feat = build_backbone(name)
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, feat)
+    assert feat == {"resnet18_cifar": 512, "resnet50_cifar": 2048, "resnet18": 512, "resnet50": 2048,
+                    "efficientnet_b0": 1280, "mobilenet_v3_large": 960}[name]
+    assert not any(isinstance(m, torch.nn.Dropout) for m in net.modules())  # classifier dropout removed too
+    full = build_model(name)
+    assert set(net.state_dict()) <= set(full.state_dict())
+
+
+def test_cifar_stem_keeps_resolution():
+    net, _ = build_backbone("resnet18_cifar")
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, torch.nn.Identity)
+    stem = net.relu(net.bn1(net.conv1(torch.randn(1, 3, 32, 32))))
+    assert net.layer1(net.maxpool(stem)).shape[-1] == 32
+
+
+def test_any_torchvision_classifier_name_is_accepted():
+    check_backbone_name("regnet_x_400mf")
+    net, feat = build_backbone("regnet_x_400mf")
+    assert net.eval()(torch.randn(1, 3, 32, 32)).shape == (1, feat)
+
+
+@pytest.mark.parametrize("bad", ["resnet_999", "squeezenet1_0", ""])
+def test_unknown_name_is_a_clear_key_error(bad):
+    with pytest.raises(KeyError, match="unknown backbone"):
+        check_backbone_name(bad)
+    with pytest.raises(KeyError, match="registered"):
+        build_backbone(bad)
+
+
+def test_heads():
+    head = ProjectionHead(16, 32, 8)
+    assert head(torch.randn(4, 16)).shape == (4, 8)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in head.modules())
+    pred = Predictor(8, 12)
+    assert pred(torch.randn(4, 8)).shape == (4, 8)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in pred.modules())

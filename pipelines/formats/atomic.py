@@ -1,0 +1,124 @@
+"""Crash-safe outputs: write under a temporary name, fsync, then rename over the final path.
+
+A run killed at any moment leaves either no new output or a complete one, never a truncated file
+with the final name. Temporary names carry the writer's pid (``.NAME.tmp-PID``) so a later run can
+tell its own leftovers from those of a run that is still alive (:func:`remove_stale_temps`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AtomicFile",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "fsync_dir",
+    "remove_stale_temps",
+    "replace_dir",
+    "temp_name",
+]
+
+_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def temp_name(path: Path) -> Path:
+    """Hidden sibling of ``path`` owned by this process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A binary file written under a temporary name; :meth:`commit` publishes it, :meth:`abort` drops it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_name(self.path)
+        self._f = open(self.tmp, "wb")
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+
+    def commit(self) -> None:
+        if self._f.closed:
+            return
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    f = AtomicFile(path)
+    try:
+        f.write(data)
+    except BaseException:
+        f.abort()
+        raise
+    f.commit()
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def replace_dir(tmp_dir: Path, final: Path) -> None:
+    """Move a finished directory into place; an existing ``final`` is swapped out first, then deleted."""
+    fsync_dir(tmp_dir)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp_dir, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temporaries and swapped-out directories left in ``directory`` by processes that died."""
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        m = _TEMP_RE.match(entry.name) or re.match(r"^\..+\.old-(\d+)$", entry.name)
+        if not m or (int(m.group(1)) != os.getpid() and _alive(int(m.group(1)))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

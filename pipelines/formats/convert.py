@@ -1,0 +1,525 @@
+"""Conversion engine behind ``tools/dataset.py``: a :class:`~.sources.Source` into OUT/NAME/.
+
+For every split it writes, as asked: an ImageFolder tree ``SPLIT/<class>/<file>`` (always for
+sources that are not one already), ``SPLIT.rec`` + ``SPLIT.idx`` (MXNet RecordIO) and ``SPLIT.beton``
+(FFCV), then ``manifest.json``: source, classes, counts per split and class, every skipped or
+converted file with its reason, the format parameters and a SHA-256 of each output.
+
+Two passes per split. The *encode* pass (``workers`` processes) opens every image once: bad files are
+classified (skipped: empty, not an image, truncated/corrupt; converted to RGB JPEG: CMYK, grayscale,
+palette, PNG or other formats, with the reason), record payloads are produced (source JPEG bytes
+passed through untouched when possible; PNG for in-memory arrays, lossless) and tree files are
+written. The *beton* pass hands the good samples to FFCV's writer. Every output is written under a
+temporary name and renamed when complete, and the manifest is rewritten after each one, so a re-run
+skips what is finished (same parameters, files present with the recorded sizes) and ``force`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+from .atomic import atomic_write_json, fsync_dir, remove_stale_temps, replace_dir, temp_name
+from .sources import ArraySplit, FileSplit, Source, SourceError
+
+__all__ = ["FORMATS", "ConvertError", "ConvertOptions", "convert", "inspect_image", "load_manifest"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("folder", "rec", "beton")
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+RAW_MAX_SIDE = 64  # beton mode "auto": raw pixels up to this side, JPEG above
+UNLABELED_DIR = "_unlabeled"  # class folder of label -1 samples in ImageFolder trees
+_JPEG_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif")
+
+
+class ConvertError(RuntimeError):
+    """Conversion cannot proceed; the message names the split, file or option."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What to write and how. Defaults: JPEG quality 90, no resizing, raw .beton for <= 64 px data."""
+
+    formats: tuple[str, ...] = ("beton", "rec")
+    max_side: int = 0  # cap on the longer side of re-encoded / .beton JPEG images; 0 = keep
+    quality: int = 90  # JPEG quality of re-encoded images
+    beton_mode: str = "auto"  # auto | raw | jpg | proportion | smart
+    compress_p: float = 0.5  # JPEG fraction in beton "proportion" mode
+    workers: int = 1  # processes for the encode pass and FFCV's writer
+    force: bool = False  # rebuild outputs even when the manifest says they are finished
+    chunk_size: int = 256  # records framed per Numba call
+    progress: bool | None = None  # tqdm bars; None = only on a terminal
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ConvertError(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
+        if self.max_side < 0:
+            raise ConvertError(f"max_side must be >= 0 (0 keeps the size), got {self.max_side}")
+        if not 1 <= self.quality <= 100:
+            raise ConvertError(f"quality must be in [1, 100], got {self.quality}")
+        if self.beton_mode not in ("auto", "raw", "jpg", "proportion", "smart"):
+            raise ConvertError(f"beton_mode must be auto, raw, jpg, proportion or smart, got {self.beton_mode!r}")
+        if not 0.0 <= self.compress_p <= 1.0:
+            raise ConvertError(f"compress_p must be in [0, 1], got {self.compress_p}")
+        if self.workers < 1:
+            raise ConvertError(f"workers must be >= 1, got {self.workers}")
+        if self.chunk_size < 1:
+            raise ConvertError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+# ------------------------------------------------------------------------------------------------
+# one image: classify, convert, encode
+
+
+@dataclass
+class Inspection:
+    """What :func:`inspect_image` found: ``status`` is ok, converted or skipped; ``reason`` says why."""
+
+    status: str
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    payload: bytes | None = None  # JPEG bytes for the record (original or re-encoded)
+    tree_bytes: bytes | None = None  # bytes for the ImageFolder copy when they differ from the file
+
+
+def _encode_jpeg(image: Any, quality: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _encode_png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode="RGB").save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def _target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    plan = kernels.resize_plan(np.array([width], np.int64), np.array([height], np.int64), max_side)
+    return int(plan[0, 0]), int(plan[0, 1])
+
+
+def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload: bool = True) -> Inspection:
+    """Open ``path`` fully and decide: pass through, convert to RGB JPEG, or skip (never raises).
+
+    Args:
+        path: image file.
+        max_side: longer side of the record payload; larger images are resized and re-encoded.
+        quality: JPEG quality when re-encoding.
+        want_payload: produce the record/tree bytes (False = classify only).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return Inspection("skipped", f"unreadable: {e.strerror or e}")
+    if not data:
+        return Inspection("skipped", "empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, mode = img.format or "unknown", img.mode
+            img.load()
+            width, height = img.size
+            reasons = []
+            if fmt != "JPEG":
+                ext = Path(path).suffix.lower()
+                reasons.append(f"{fmt} data in a '{ext}' file" if ext in _JPEG_EXTS else f"{fmt} image")
+            if mode != "RGB":
+                reasons.append(f"{mode} colour mode")
+            status = "converted" if reasons else "ok"
+            target = _target_size(width, height, max_side)
+            if not want_payload:
+                return Inspection(status, "; ".join(reasons), width, height)
+            rgb = img.convert("RGB") if mode != "RGB" else img
+            tree_bytes = _encode_jpeg(rgb, quality) if reasons else None
+            if target != (width, height):
+                payload = _encode_jpeg(rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0), quality)
+            else:
+                payload = tree_bytes if reasons else data
+            return Inspection(status, "; ".join(reasons), width, height, payload, tree_bytes)
+    except UnidentifiedImageError:
+        return Inspection("skipped", "not an image (unrecognised format)")
+    except Image.DecompressionBombError as e:
+        return Inspection("skipped", f"too large: {e}")
+    except (OSError, SyntaxError, ValueError) as e:
+        return Inspection("skipped", f"truncated or corrupt: {e}")
+
+
+def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
+    """Decode ``path`` to uint8 [H,W,3]; JPEGs larger than ``max_side`` decode at a reduced scale (draft)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if max_side and img.format == "JPEG":
+            img.draft("RGB", _target_size(img.size[0], img.size[1], max_side))
+        return np.asarray(img.convert("RGB"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the encode pass (runs in forked workers; the split and options are inherited through _JOB)
+
+_JOB: dict[str, Any] = {}
+
+
+def _class_dir(label: int, classes: list[str]) -> str:
+    return UNLABELED_DIR if label < 0 else classes[label]
+
+
+def _write_tree_file(path: Path, data: bytes | None, src: str | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if data is None and src is not None:
+        try:
+            os.link(src, path)  # same file system: no copy at all
+            return
+        except OSError:
+            shutil.copyfile(src, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(data or b"")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _encode_one(i: int) -> tuple[int, str, str, int, int, bytes | None]:
+    job = _JOB
+    split, classes, tree = job["split"], job["classes"], job["tree"]
+    label = int(split.labels[i])
+    if isinstance(split, ArraySplit):
+        image = split.images[i]
+        payload = _encode_png(image) if (job["rec"] or tree is not None) else None
+        if tree is not None:
+            stem = split.names[i] if split.names is not None else f"{i:07d}"
+            _write_tree_file(tree / _class_dir(label, classes) / f"{stem}.png", payload, None)
+        return i, "ok", "", image.shape[1], image.shape[0], payload if job["rec"] else None
+    path = split.paths[i]
+    ins = inspect_image(path, job["max_side"], job["quality"], want_payload=job["rec"] or tree is not None)
+    if tree is not None and ins.status != "skipped":
+        name = Path(path).name if ins.tree_bytes is None else Path(path).stem + ".JPEG"
+        _write_tree_file(tree / _class_dir(label, classes) / name, ins.tree_bytes, path)
+    return i, ins.status, ins.reason, ins.width, ins.height, ins.payload if job["rec"] else None
+
+
+def _run_pool(n: int, workers: int, desc: str, progress: bool | None) -> Iterator[tuple]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=desc, unit="img", disable=None if progress is None else not progress,
+               file=sys.stderr, mininterval=1.0)
+    try:
+        if workers == 1 or n < 2:
+            for i in range(n):
+                yield _encode_one(i)
+                bar.update()
+        else:
+            ctx = mp.get_context("fork")
+            with ctx.Pool(min(workers, n)) as pool:
+                for result in pool.imap(_encode_one, range(n), chunksize=max(1, min(64, n // (4 * workers)))):
+                    yield result
+                    bar.update()
+    finally:
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# manifest
+
+
+def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of ``out_dir`` (an empty one when absent or unreadable)."""
+    import json
+
+    path = Path(out_dir) / MANIFEST
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if isinstance(manifest, dict) and manifest.get("version") == MANIFEST_VERSION:
+            return manifest
+        log.warning("%s: unknown manifest version, starting a new one", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable manifest (%s), starting a new one", path, e)
+    return {}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_done(out: Path, manifest: dict[str, Any], key: str, params: dict[str, Any]) -> bool:
+    entry = manifest.get("outputs", {}).get(key)
+    if not entry or entry.get("params") != params:
+        return False
+    for name, info in entry.get("files", {}).items():
+        p = out / name
+        if info.get("kind") == "dir":
+            if not p.is_dir():
+                return False
+        elif not p.is_file() or p.stat().st_size != info.get("bytes"):
+            return False
+    return True
+
+
+def _file_entry(out: Path, name: str) -> dict[str, Any]:
+    p = out / name
+    return {"kind": "file", "bytes": p.stat().st_size, "sha256": _sha256(p)}
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+
+
+@dataclass
+class _SplitResult:
+    good: np.ndarray
+    sizes: np.ndarray  # [N,2] width, height of every sample (0 for skipped)
+    bad: list[dict[str, str]] = field(default_factory=list)
+
+
+class _BetonSamples:
+    """Good samples of a split as FFCV's writer reads them: ``(uint8 [H,W,3], label)``."""
+
+    def __init__(self, split: ArraySplit | FileSplit, good: np.ndarray, max_side: int) -> None:
+        self.split, self.good, self.max_side = split, good, max_side
+
+    def __len__(self) -> int:
+        return int(self.good.shape[0])
+
+    def __getitem__(self, j: int) -> tuple[np.ndarray, int]:
+        i = int(self.good[j])
+        if isinstance(self.split, ArraySplit):
+            return self.split.images[i], int(self.split.labels[i])
+        return load_rgb(self.split.paths[i], self.max_side), int(self.split.labels[i])
+
+
+def _encode_pass(
+    source: Source, split_name: str, split: ArraySplit | FileSplit, out: Path, opts: ConvertOptions,
+    want_tree: bool, want_rec: bool,
+) -> _SplitResult:
+    from .recordio import RecordIOWriter
+
+    n = len(split)
+    tree = temp_name(out / split_name) if want_tree else None
+    if tree is not None:
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir(parents=True)
+    _JOB.update(split=split, classes=source.classes, tree=tree, rec=want_rec, max_side=opts.max_side,
+                quality=opts.quality)
+    writer = RecordIOWriter(out / f"{split_name}.rec", out / f"{split_name}.idx") if want_rec else None
+    sizes = np.zeros((n, 2), dtype=np.int64)
+    good: list[int] = []
+    bad: list[dict[str, str]] = []
+    payloads: list[bytes] = []
+    labels: list[int] = []
+    what = "+".join(w for w, on in (("tree", want_tree), ("rec", want_rec), ("scan", True)) if on)
+    t0 = time.perf_counter()
+    try:
+        for i, status, reason, w, h, payload in _run_pool(n, opts.workers, f"{source.name}/{split_name} {what}",
+                                                          opts.progress):
+            if status == "skipped":
+                bad.append({"split": split_name, "file": _describe(split, i), "action": "skipped", "reason": reason})
+                continue
+            if status == "converted":
+                bad.append({"split": split_name, "file": _describe(split, i), "action": "converted to RGB JPEG",
+                            "reason": reason})
+            good.append(i)
+            sizes[i] = (w, h)
+            if writer is not None:
+                payloads.append(payload or b"")
+                labels.append(int(split.labels[i]))
+                if len(payloads) >= opts.chunk_size:
+                    writer.write_many(payloads, labels)
+                    payloads, labels = [], []
+        if not good:
+            raise ConvertError(f"{source.name}/{split_name}: none of the {n} images could be read "
+                               f"(first problem: {bad[0]['reason'] if bad else 'no images'})")
+        if writer is not None:
+            writer.write_many(payloads, labels)
+            writer.close()
+        if tree is not None:
+            replace_dir(tree, out / split_name)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if tree is not None:
+            shutil.rmtree(tree, ignore_errors=True)
+        raise
+    finally:
+        _JOB.clear()
+    dt = time.perf_counter() - t0
+    log.info("%s/%s %s: %d images in %.1f s (%.0f img/s), %d converted, %d skipped", source.name, split_name,
+             what, n, dt, n / max(dt, 1e-9), sum(b["action"] != "skipped" for b in bad),
+             sum(b["action"] == "skipped" for b in bad))
+    return _SplitResult(np.asarray(good, dtype=np.int64), sizes, bad)
+
+
+def _describe(split: ArraySplit | FileSplit, i: int) -> str:
+    if isinstance(split, FileSplit):
+        return split.paths[i]
+    return split.names[i] if split.names is not None else f"#{i}"
+
+
+def _beton_mode(opts: ConvertOptions, longest: int) -> str:
+    if opts.beton_mode != "auto":
+        return opts.beton_mode
+    return "raw" if 0 < longest <= RAW_MAX_SIDE else "jpg"
+
+
+def _count_per_class(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes)) if labels.size else np.zeros(0, int)
+    per_class = {c: int(k) for c, k in zip(classes, counts) if k}
+    if (labels < 0).any():
+        per_class[UNLABELED_DIR] = int((labels < 0).sum())
+    return per_class
+
+
+def convert(source: Source, out_root: str | os.PathLike, opts: ConvertOptions | None = None) -> dict[str, Any]:
+    """Write ``source`` into ``out_root/source.name`` in ``opts.formats``; return the manifest.
+
+    Raises:
+        ConvertError / SourceError: before any work when an option, split or source is unusable.
+    """
+    opts = opts or ConvertOptions()
+    out = Path(out_root) / source.name
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(out):
+        log.info("removed %s left by an interrupted run", stale)
+    manifest = {} if opts.force else load_manifest(out)
+    manifest.update(version=MANIFEST_VERSION, dataset=source.name, source=source.info, classes=source.classes)
+    manifest.setdefault("splits", {})
+    manifest.setdefault("outputs", {})
+    manifest.setdefault("bad_files", [])
+    common = {"dataset": source.name, "source": source.info}
+    for split_name in source.splits:
+        _convert_split(source, split_name, out, opts, manifest, common)
+    manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _convert_split(
+    source: Source, split_name: str, out: Path, opts: ConvertOptions, manifest: dict[str, Any],
+    common: dict[str, Any],
+) -> None:
+    tree_key, rec_key, beton_key = f"{split_name}/", f"{split_name}.rec", f"{split_name}.beton"
+    link_tree = split_name in source.folder_splits
+    want_tree = (not link_tree) or "folder" in opts.formats
+    tree_params = {**common, "tree": "link" if link_tree else "copy"}
+    rec_params = {**common, "max_side": opts.max_side, "quality": opts.quality}
+    todo_tree = want_tree and (opts.force or not _is_done(out, manifest, tree_key, tree_params))
+    todo_rec = "rec" in opts.formats and (opts.force or not _is_done(out, manifest, rec_key, rec_params))
+    beton_wanted = "beton" in opts.formats
+    done_beton = beton_wanted and not opts.force and any(
+        _is_done(out, manifest, beton_key, {**common, **p}) for p in _beton_param_options(opts))
+    todo_beton = beton_wanted and not done_beton
+    if not (todo_tree or todo_rec or todo_beton):
+        log.info("%s/%s: all requested outputs are finished (manifest); use --force to rebuild", source.name,
+                 split_name)
+        return
+    split = source.split(split_name)
+    if len(split) == 0:
+        raise SourceError(f"{source.name}/{split_name}: the split has no images")
+
+    if todo_tree and link_tree:
+        _link_split(source, split_name, out)
+        manifest["outputs"][tree_key] = {"params": tree_params, "files": {tree_key: {"kind": "dir"}}}
+        atomic_write_json(out / MANIFEST, manifest)
+        todo_tree = False
+
+    result = None
+    if todo_tree or todo_rec or (todo_beton and isinstance(split, FileSplit)):
+        result = _encode_pass(source, split_name, split, out, opts, todo_tree, todo_rec)
+        manifest["bad_files"] = [b for b in manifest["bad_files"] if b["split"] != split_name] + result.bad
+        labels = split.labels[result.good]
+        manifest["splits"][split_name] = {
+            "count": int(result.good.shape[0]),
+            "skipped": sum(b["action"] == "skipped" for b in result.bad),
+            "converted": sum(b["action"] != "skipped" for b in result.bad),
+            "per_class": _count_per_class(labels, source.classes),
+        }
+        if todo_tree:
+            manifest["outputs"][tree_key] = {"params": tree_params,
+                                             "files": {tree_key: {"kind": "dir", "count": int(labels.shape[0])}}}
+        if todo_rec:
+            manifest["outputs"][rec_key] = {"params": rec_params, "count": int(labels.shape[0]), "files": {
+                rec_key: _file_entry(out, rec_key), f"{split_name}.idx": _file_entry(out, f"{split_name}.idx")}}
+        atomic_write_json(out / MANIFEST, manifest)
+
+    if todo_beton:
+        if result is None:  # in-memory arrays: all samples are good
+            n = len(split)
+            good = np.arange(n, dtype=np.int64)
+            sizes = np.tile(np.array([split.images.shape[2], split.images.shape[1]]), (n, 1))
+            manifest["splits"][split_name] = {"count": n, "skipped": 0, "converted": 0,
+                                              "per_class": _count_per_class(split.labels, source.classes)}
+        else:
+            good, sizes = result.good, result.sizes
+        longest = int(sizes[good].max()) if good.size else 0
+        mode = _beton_mode(opts, longest)
+        params = {**common, **_beton_params(opts, mode)}
+        from .beton import write_beton
+
+        t0 = time.perf_counter()
+        write_beton(out / beton_key, _BetonSamples(split, good, opts.max_side), mode=mode, max_side=opts.max_side,
+                    quality=opts.quality, compress_p=opts.compress_p, num_workers=opts.workers)
+        dt = time.perf_counter() - t0
+        log.info("%s/%s beton (%s): %d images in %.1f s (%.0f img/s)", source.name, split_name, mode, good.size, dt,
+                 good.size / max(dt, 1e-9))
+        manifest["outputs"][beton_key] = {"params": params, "count": int(good.size),
+                                          "files": {beton_key: _file_entry(out, beton_key)}}
+        atomic_write_json(out / MANIFEST, manifest)
+
+
+def _beton_params(opts: ConvertOptions, mode: str) -> dict[str, Any]:
+    p: dict[str, Any] = {"mode": mode, "max_side": opts.max_side}
+    if mode != "raw":
+        p.update(quality=opts.quality)
+    if mode == "proportion":
+        p.update(compress_p=opts.compress_p)
+    return p
+
+
+def _beton_param_options(opts: ConvertOptions) -> list[dict[str, Any]]:
+    """Parameter sets a finished .beton may carry for these options (``auto`` resolves to raw or jpg)."""
+    modes = ["raw", "jpg"] if opts.beton_mode == "auto" else [opts.beton_mode]
+    return [_beton_params(opts, m) for m in modes]
+
+
+def _link_split(source: Source, split_name: str, out: Path) -> None:
+    """Point OUT/NAME/SPLIT at the source's own ImageFolder tree (a symlink, replaced atomically)."""
+    target = Path(source.folder_splits[split_name]).resolve()
+    link = out / split_name
+    tmp = temp_name(link)
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp, target_is_directory=True)
+    if link.is_dir() and not link.is_symlink():
+        old = link.with_name(f".{link.name}.old-{os.getpid()}")
+        os.replace(link, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, link)
+    fsync_dir(out)
+

@@ -1,0 +1,220 @@
+"""Numba kernels for the loops of dataset conversion that Python would run per pixel or per record.
+
+Each kernel is a small module-level function on plain NumPy arrays, compiled with ``numba.njit``.
+The public names dispatch to the compiled version, or to the very same Python function when JIT is
+off, so a kernel can be stepped through in a debugger (like FFCV's ``Compiler.set_enabled``):
+``set_jit_enabled(False)`` at run time, or ``RESSL_NUMBA_JIT=0`` in the environment before import.
+
+Kernels:
+  * :func:`planar_to_hwc` - CIFAR rows (R plane, G plane, B plane; each row-major) -> [N,H,W,C].
+  * :func:`colmajor_to_hwc` - STL-10 rows (per channel, column-major) -> [N,H,W,C].
+  * :func:`record_offsets` / :func:`pack_records` - MXNet RecordIO framing of many payloads into one
+    preallocated buffer (see ``recordio.py`` for the layout).
+  * :func:`resize_plan` - target sizes that bring the longer side down to ``max_side``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numba
+import numpy as np
+
+__all__ = [
+    "RECORD_MAGIC",
+    "IR_HEADER_SIZE",
+    "colmajor_to_hwc",
+    "jit_enabled",
+    "pack_records",
+    "planar_to_hwc",
+    "record_offsets",
+    "resize_plan",
+    "set_jit_enabled",
+]
+
+RECORD_MAGIC = 0xCED7230A  # first word of every MXNet RecordIO record
+IR_HEADER_SIZE = 24  # uint32 flag, float32 label, uint64 id, uint64 id2
+
+_JIT = os.environ.get("RESSL_NUMBA_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def set_jit_enabled(enabled: bool) -> None:
+    """Run the compiled kernels (True, default) or their pure-Python bodies (False, for debugging)."""
+    global _JIT
+    _JIT = bool(enabled)
+
+
+def jit_enabled() -> bool:
+    """Whether kernels currently run compiled."""
+    return _JIT
+
+
+def _kernel(fn: F) -> F:
+    """Compile ``fn`` lazily and dispatch on the JIT switch; ``.py_func`` and ``.jit`` stay reachable."""
+    compiled = numba.njit(cache=True, nogil=True)(fn)
+
+    @functools.wraps(fn)
+    def dispatch(*args: Any) -> Any:
+        return compiled(*args) if _JIT else fn(*args)
+
+    dispatch.py_func = fn  # type: ignore[attr-defined]
+    dispatch.jit = compiled  # type: ignore[attr-defined]
+    return dispatch  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------
+# raw-array sources
+
+
+def _planar_to_hwc(src: np.ndarray, height: int, width: int, out: np.ndarray) -> None:
+    n = src.shape[0]
+    channels = out.shape[3]
+    plane = height * width
+    for i in range(n):
+        for c in range(channels):
+            base = c * plane
+            for y in range(height):
+                row = base + y * width
+                for x in range(width):
+                    out[i, y, x, c] = src[i, row + x]
+
+
+planar_to_hwc = _kernel(_planar_to_hwc)
+planar_to_hwc.__doc__ = """Rows of planar, row-major images (CIFAR's ``data`` [N, C*H*W]) into ``out`` [N,H,W,C].
+
+Args:
+    src: uint8 [N, C*H*W]; channel planes one after another, each stored row by row.
+    height, width: image side lengths.
+    out: uint8 [N,H,W,C], preallocated, written in place.
+"""
+
+
+def _colmajor_to_hwc(src: np.ndarray, height: int, width: int, out: np.ndarray) -> None:
+    n = src.shape[0]
+    channels = out.shape[3]
+    plane = height * width
+    for i in range(n):
+        for c in range(channels):
+            base = c * plane
+            for x in range(width):
+                col = base + x * height
+                for y in range(height):
+                    out[i, y, x, c] = src[i, col + y]
+
+
+colmajor_to_hwc = _kernel(_colmajor_to_hwc)
+colmajor_to_hwc.__doc__ = """Rows of column-major planar images (STL-10's ``*_X.bin``) into ``out`` [N,H,W,C].
+
+Args:
+    src: uint8 [N, C*H*W]; channel planes one after another, each stored column by column.
+    height, width: image side lengths.
+    out: uint8 [N,H,W,C], preallocated, written in place.
+"""
+
+
+# ------------------------------------------------------------------------------------------------
+# RecordIO framing
+
+
+def _record_offsets(payload_lengths: np.ndarray, start: int) -> np.ndarray:
+    n = payload_lengths.shape[0]
+    offsets = np.empty(n + 1, dtype=np.int64)
+    pos = start
+    for i in range(n):
+        offsets[i] = pos
+        body = payload_lengths[i] + 24
+        pos += 8 + ((body + 3) // 4) * 4
+    offsets[n] = pos
+    return offsets
+
+
+record_offsets = _kernel(_record_offsets)
+record_offsets.__doc__ = """File offsets of records holding payloads of ``payload_lengths`` bytes.
+
+Each record is an 8-byte frame (magic, length) + 24-byte IRHeader + payload, padded to 4 bytes.
+
+Args:
+    payload_lengths: int64 [N] image byte counts.
+    start: offset of the first record in the file.
+
+Returns:
+    int64 [N+1]: start of each record, then the end of the last one.
+"""
+
+
+def _pack_records(
+    payload: np.ndarray,
+    payload_offsets: np.ndarray,
+    label_bits: np.ndarray,
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    n = payload_offsets.shape[0] - 1
+    base = offsets[0]
+    for i in range(n):
+        p0 = payload_offsets[i]
+        length = payload_offsets[i + 1] - p0
+        pos = offsets[i] - base
+        end = offsets[i + 1] - base
+        head = out[pos : pos + 32].view(np.uint32)  # little-endian hosts, as MXNet assumes
+        head[0] = 0xCED7230A
+        head[1] = length + 24  # cflag 0 (whole record) in the top 3 bits
+        head[2] = 0  # IRHeader.flag: 0 = the single float label that follows
+        head[3] = label_bits[i]
+        head[4] = ids[i] & 0xFFFFFFFF
+        head[5] = ids[i] >> 32
+        head[6] = 0  # id2
+        head[7] = 0
+        q = pos + 32
+        out[q : q + length] = payload[p0 : p0 + length]
+        out[q + length : end] = 0
+
+
+pack_records = _kernel(_pack_records)
+pack_records.__doc__ = """Frame N payloads as MXNet records into ``out`` (sized by :func:`record_offsets`).
+
+Args:
+    payload: uint8, all image bytes concatenated.
+    payload_offsets: int64 [N+1]; image ``i`` is ``payload[payload_offsets[i]:payload_offsets[i+1]]``.
+    label_bits: uint32 [N], bit patterns of the float32 labels (``labels.astype(np.float32).view(np.uint32)``).
+    ids: int64 [N], record ids (DALI ignores them; we store the running sample index).
+    offsets: int64 [N+1] from :func:`record_offsets`; ``offsets[0]`` is where ``out`` starts in the file.
+    out: uint8 [offsets[N] - offsets[0]], written in place.
+"""
+
+
+# ------------------------------------------------------------------------------------------------
+# resizing plans
+
+
+def _resize_plan(widths: np.ndarray, heights: np.ndarray, max_side: int) -> np.ndarray:
+    n = widths.shape[0]
+    out = np.empty((n, 2), dtype=np.int64)
+    for i in range(n):
+        w = widths[i]
+        h = heights[i]
+        longest = max(w, h)
+        if max_side <= 0 or longest <= max_side:
+            out[i, 0] = w
+            out[i, 1] = h
+        else:
+            scale = max_side / longest
+            out[i, 0] = max(1, int(w * scale + 0.5))
+            out[i, 1] = max(1, int(h * scale + 0.5))
+    return out
+
+
+resize_plan = _kernel(_resize_plan)
+resize_plan.__doc__ = """Target (width, height) per image: the longer side shrunk to ``max_side``, aspect kept.
+
+Images already within ``max_side`` (or ``max_side <= 0``) keep their size; none is enlarged.
+
+Returns:
+    int64 [N, 2] of (width, height).
+"""

@@ -1,0 +1,97 @@
+"""Prepare a dataset once: ImageFolder tree, FFCV .beton and MXNet RecordIO under OUT/NAME/.
+
+    python tools/dataset.py demo --out data                         # offline: scikit-learn digits
+    python tools/dataset.py cifar10 --src ~/archives --out data     # cifar-10-python.tar.gz in ~/archives
+    python tools/dataset.py imagenet --src /data/imagenet --out data --max-side 512 --quality 90 --workers 16
+    make dataset DATA=stl10 SRC=~/archives WORKERS=8
+
+Training never converts; this tool does (as FFCV keeps its write_datasets.py apart). Re-running with
+the same parameters skips finished outputs (OUT/NAME/manifest.json); --force rebuilds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+try:
+    import pipelines  # noqa: F401
+except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.formats.convert import FORMATS, ConvertError, ConvertOptions, convert
+from pipelines.formats.sources import SOURCES, SourceError, build_source
+
+log = logging.getLogger("dataset")
+
+EPILOG = """\
+outputs (OUT/NAME/):
+  SPLIT/<class>/*     ImageFolder tree. Always written for sources that do not come as one
+                      (demo, cifar10, cifar100, stl10, tiny-imagenet, and a flat ImageNet val/);
+                      for imagenet/imagenet100/folder it is a symlink to the source split, made
+                      only when 'folder' is in --formats.
+  SPLIT.rec/.idx      MXNet RecordIO for DALI's readers.mxnet (source JPEGs passed through;
+                      PNG for in-memory datasets; re-encoded when converted or over --max-side).
+  SPLIT.beton         FFCV (raw pixels for <= 64 px data, JPEG above unless --beton-mode).
+  manifest.json       counts per split and class, skipped/converted files with reasons,
+                      parameters, SHA-256 of every output file.
+splits: train and val; stl10 adds 'unlabeled' (100,000 images, label -1).
+sources needing --src: imagenet, imagenet100 (train/ and val/), folder (an ImageFolder tree, or a
+directory with train/ [val/]), cifar10/cifar100/stl10 (official archive or its extracted folder;
+downloaded with torchvision when omitted and a network exists), tiny-imagenet (folder or zip).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=sorted(SOURCES), metavar="DATA",
+                   help=f"dataset to prepare: {', '.join(sorted(SOURCES))}")
+    p.add_argument("--out", default="data", help="output root; files go to OUT/DATA/ (default: data)")
+    p.add_argument("--src", default=None, help="where the source data is (archive, folder); see below")
+    p.add_argument("--formats", default="beton,rec",
+                   help=f"comma-separated subset of {','.join(FORMATS)} (default: beton,rec)")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="cap the longer side of re-encoded / .beton JPEG images, px (default 0: keep)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--beton-mode", default="auto", choices=["auto", "raw", "jpg", "proportion", "smart"],
+                   help="FFCV image write mode (default auto: raw for <= 64 px, else jpg)")
+    p.add_argument("--compress-p", type=float, default=0.5,
+                   help="JPEG fraction in --beton-mode proportion (default 0.5)")
+    p.add_argument("--classes", default=None,
+                   help="file with one class (folder) name per line: selects classes (imagenet100, folder)")
+    p.add_argument("--workers", type=int, default=1, help="processes for encoding and writing (default 1)")
+    p.add_argument("--force", action="store_true", help="rebuild outputs even if the manifest says finished")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validate everything cheap first (options, source files), then convert; returns the exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+        opts = ConvertOptions(formats=formats, max_side=args.max_side, quality=args.quality,
+                              beton_mode=args.beton_mode, compress_p=args.compress_p, workers=args.workers,
+                              force=args.force, progress=False if args.no_progress else None)
+        extra = {"classes_file": args.classes} if args.classes else {}
+        source = build_source(args.dataset, args.src, out=Path(args.out), **extra)
+        manifest = convert(source, args.out, opts)
+    except (ConvertError, SourceError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    out = Path(args.out) / source.name
+    for split, info in manifest["splits"].items():
+        log.info("%s/%s: %d images, %d converted, %d skipped", source.name, split, info["count"],
+                 info["converted"], info["skipped"])
+    log.info("wrote %s (manifest: %s)", out, out / "manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,7 @@ Every constructor validates its inputs (missing archive, missing split, empty cl
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +28,17 @@ __all__ = [
     "SourceError",
     "SOURCES",
     "build_source",
+    "cifar_source",
+    "colmajor_rows_to_images",
     "demo_source",
+    "folder_source",
+    "imagenet_source",
+    "planar_rows_to_images",
+    "stl10_source",
+    "tiny_imagenet_source",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -162,13 +172,505 @@ def demo_source(size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Sou
     )
 
 
+def _label_order_names(names: list[str]) -> list[str]:
+    """Class names that sort in label order (ImageFolder's convention); prefixed with the index if not."""
+    if sorted(names) == names and len(set(names)) == len(names):
+        return names
+    width = len(str(len(names) - 1))
+    return [f"{i:0{width}d}_{n}" for i, n in enumerate(names)]
+
+
+# ------------------------------------------------------------------------------------------------
+# archives of raw arrays: CIFAR-10/100 (pickled planar rows), STL-10 (column-major binary)
+
+
+class _Archive:
+    """Members of a dataset archive, read from the .tar.gz itself or from its extracted folder."""
+
+    def __init__(self, root: Path, tar: Path | None) -> None:
+        self.root, self.tar = root, tar
+
+    def describe(self) -> str:
+        return str(self.tar or self.root)
+
+    def open(self, member: str) -> Any:
+        """A binary file object for ``member`` (a path inside the archive's top folder)."""
+        if self.tar is None:
+            return open(self.root / member, "rb")
+        import tarfile
+
+        tf = tarfile.open(self.tar, "r:*")
+        try:
+            f = tf.extractfile(f"{self.root.name}/{member}")
+        except KeyError:
+            tf.close()
+            raise SourceError(f"{self.tar}: archive has no member {self.root.name}/{member}") from None
+        if f is None:
+            tf.close()
+            raise SourceError(f"{self.tar}: {self.root.name}/{member} is not a regular file")
+        return _ClosingReader(f, tf)
+
+    def has(self, member: str) -> bool:
+        if self.tar is None:
+            return (self.root / member).is_file()
+        return f"{self.root.name}/{member}" in self._tar_names()
+
+    def _tar_names(self) -> set[str]:
+        import tarfile
+
+        if not hasattr(self, "_names"):
+            with tarfile.open(self.tar, "r:*") as tf:
+                self._names = set(tf.getnames())
+        return self._names
+
+
+class _ClosingReader:
+    """A tar member that closes its archive with it."""
+
+    def __init__(self, f: Any, owner: Any) -> None:
+        self.f, self.owner = f, owner
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+    def __enter__(self) -> _ClosingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+        self.owner.close()
+
+
+def _find_archive(src: Path | None, folder: str, archive: str, members: list[str], download: Callable[[Path], None],
+                  out: Path | None, dataset: str) -> _Archive:
+    """Locate ``archive`` (or its extracted ``folder``) at ``src``, or download it when ``src`` is None."""
+    expected = (f"{dataset}: expected the official archive {archive} or its extracted folder {folder}/ "
+                f"(with {', '.join(members)})")
+    if src is None:
+        root = (out or Path("data")) / ".downloads"
+        try:
+            download(root)
+        except Exception as e:  # no network, mirror down, disk full: say what to do instead
+            raise SourceError(f"{expected}; --src was not given and downloading with torchvision into {root} "
+                              f"failed ({type(e).__name__}: {e}). Download it elsewhere and pass --src PATH.") from e
+        src = root
+    if not src.exists():
+        raise SourceError(f"--src {src} does not exist; {expected}")
+    candidates: list[tuple[Path, Path | None]] = []
+    if src.is_file():
+        candidates.append((src.parent / folder, src))
+    else:
+        candidates += [(src, None), (src / folder, None)] if src.name == folder else [(src / folder, None)]
+        if (src / archive).is_file():
+            candidates.append((src / folder, src / archive))
+    for root, tar in candidates:
+        arch = _Archive(root, tar)
+        try:
+            if all(arch.has(m) for m in members):
+                return arch
+        except (OSError, EOFError) as e:
+            raise SourceError(f"{tar}: cannot read the archive ({e}); {expected}") from e
+    raise SourceError(f"--src {src}: {expected}")
+
+
+def _unpickle(f: Any) -> dict[bytes, Any]:
+    import pickle
+
+    # The official CIFAR archives are Python pickles; only open archives you trust.
+    return pickle.load(f, encoding="bytes")
+
+
+def _cifar_rows(arch: _Archive, members: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    rows, labels = [], []
+    for m in members:
+        with arch.open(m) as f:
+            d = _unpickle(f)
+        if b"data" not in d or label_key not in d:
+            raise SourceError(f"{arch.describe()}: {m} lacks keys b'data' / {label_key!r}")
+        rows.append(np.asarray(d[b"data"], dtype=np.uint8))
+        labels.append(np.asarray(d[label_key], dtype=np.int64))
+    return np.concatenate(rows), np.concatenate(labels)
+
+
+def planar_rows_to_images(rows: np.ndarray, height: int, width: int) -> np.ndarray:
+    """CIFAR rows uint8 [N, 3*H*W] (planar, row-major) -> [N,H,W,3] via the Numba kernel."""
+    if rows.ndim != 2 or rows.shape[1] != 3 * height * width:
+        raise SourceError(f"expected rows of {3 * height * width} bytes, got shape {rows.shape}")
+    from .kernels import planar_to_hwc
+
+    out = np.empty((rows.shape[0], height, width, 3), dtype=np.uint8)
+    planar_to_hwc(np.ascontiguousarray(rows), height, width, out)
+    return out
+
+
+def cifar_source(name: str = "cifar10", src: Path | None = None, out: Path | None = None) -> Source:
+    """CIFAR-10 or CIFAR-100 from ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` (or extracted).
+
+    Splits: train (50,000) and val (the 10,000 test images). CIFAR-100 uses the 100 fine labels.
+    """
+    if name == "cifar10":
+        folder, archive = "cifar-10-batches-py", "cifar-10-python.tar.gz"
+        train_m, val_m, meta_m = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"
+        label_key, names_key = b"labels", b"label_names"
+    elif name == "cifar100":
+        folder, archive = "cifar-100-python", "cifar-100-python.tar.gz"
+        train_m, val_m, meta_m = ["train"], ["test"], "meta"
+        label_key, names_key = b"fine_labels", b"fine_label_names"
+    else:
+        raise SourceError(f"unknown CIFAR variant {name!r}; use cifar10 or cifar100")
+
+    def download(root: Path) -> None:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        cls(str(root), train=True, download=True)
+
+    arch = _find_archive(src, folder, archive, [*train_m, *val_m, meta_m], download, out, name)
+    with arch.open(meta_m) as f:
+        meta = _unpickle(f)
+    if names_key not in meta:
+        raise SourceError(f"{arch.describe()}: {meta_m} lacks {names_key!r}")
+    classes = _label_order_names([n.decode() for n in meta[names_key]])
+
+    def load(members: list[str]) -> Callable[[], ArraySplit]:
+        def run() -> ArraySplit:
+            rows, labels = _cifar_rows(arch, members, label_key)
+            if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+                raise SourceError(f"{arch.describe()}: labels outside 0..{len(classes) - 1}")
+            return ArraySplit(planar_rows_to_images(rows, 32, 32), labels)
+
+        return run
+
+    return Source(name=name, classes=classes, loaders={"train": load(train_m), "val": load(val_m)},
+                  info={"origin": name, "archive": str(arch.describe())}, max_side_hint=32)
+
+
+STL_SIDE = 96
+
+
+def colmajor_rows_to_images(rows: np.ndarray, height: int, width: int) -> np.ndarray:
+    """STL-10 rows uint8 [N, 3*H*W] (per channel, column-major) -> [N,H,W,3] via the Numba kernel."""
+    if rows.ndim != 2 or rows.shape[1] != 3 * height * width:
+        raise SourceError(f"expected rows of {3 * height * width} bytes, got shape {rows.shape}")
+    from .kernels import colmajor_to_hwc
+
+    out = np.empty((rows.shape[0], height, width, 3), dtype=np.uint8)
+    colmajor_to_hwc(np.ascontiguousarray(rows), height, width, out)
+    return out
+
+
+def _read_stl_images(arch: _Archive, member: str, chunk: int = 4096) -> np.ndarray:
+    """Stream ``member`` in chunks of images through the kernel, so only the HWC copy stays in memory."""
+    row = 3 * STL_SIDE * STL_SIDE
+    parts = []
+    with arch.open(member) as f:
+        while True:
+            data = f.read(row * chunk)
+            if not data:
+                break
+            if len(data) % row:
+                raise SourceError(f"{arch.describe()}: {member} is truncated ({len(data) % row} stray bytes)")
+            parts.append(colmajor_rows_to_images(np.frombuffer(data, dtype=np.uint8).reshape(-1, row),
+                                                 STL_SIDE, STL_SIDE))
+    if not parts:
+        raise SourceError(f"{arch.describe()}: {member} is empty")
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def stl10_source(src: Path | None = None, out: Path | None = None) -> Source:
+    """STL-10 from ``stl10_binary.tar.gz`` (or extracted): train (5,000), val (8,000 test), unlabeled (100,000).
+
+    Unlabeled images get label -1 (and the class folder ``_unlabeled`` in the ImageFolder tree).
+    """
+    members = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin", "class_names.txt"]
+
+    def download(root: Path) -> None:
+        import torchvision
+
+        torchvision.datasets.STL10(str(root), split="train", download=True)
+
+    arch = _find_archive(src, "stl10_binary", "stl10_binary.tar.gz", members, download, out, "stl10")
+    with arch.open("class_names.txt") as f:
+        classes = _label_order_names([ln.strip() for ln in f.read().decode().splitlines() if ln.strip()])
+
+    def labeled(prefix: str) -> Callable[[], ArraySplit]:
+        def run() -> ArraySplit:
+            images = _read_stl_images(arch, f"{prefix}_X.bin")
+            with arch.open(f"{prefix}_y.bin") as f:
+                labels = np.frombuffer(f.read(), dtype=np.uint8).astype(np.int64) - 1  # stored 1..10
+            if labels.shape[0] != images.shape[0]:
+                raise SourceError(f"{arch.describe()}: {prefix}_y.bin has {labels.shape[0]} labels for "
+                                  f"{images.shape[0]} images")
+            if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+                raise SourceError(f"{arch.describe()}: {prefix}_y.bin has labels outside 1..{len(classes)}")
+            return ArraySplit(images, labels)
+
+        return run
+
+    def unlabeled() -> ArraySplit:
+        images = _read_stl_images(arch, "unlabeled_X.bin")
+        return ArraySplit(images, np.full(images.shape[0], -1, dtype=np.int64))
+
+    return Source(name="stl10", classes=classes,
+                  loaders={"train": labeled("train"), "val": labeled("test"), "unlabeled": unlabeled},
+                  info={"origin": "stl10", "archive": arch.describe()}, max_side_hint=STL_SIDE)
+
+
+# ------------------------------------------------------------------------------------------------
+# image files: ImageFolder trees, ImageNet, Tiny-ImageNet
+
+
+def _list_files(directory: Path) -> list[str]:
+    """Every visible regular file under ``directory`` (recursively, sorted); bad ones are judged later."""
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+    return found
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _read_class_list(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"--classes {p}: file does not exist (expected one class name per line)")
+    names = [ln.split()[0] for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not names:
+        raise SourceError(f"--classes {p}: no class names in the file")
+    if len(set(names)) != len(names):
+        raise SourceError(f"--classes {p}: duplicate class names")
+    return sorted(names)
+
+
+def _folder_split(split_dir: Path, classes: list[str], what: str) -> FileSplit:
+    paths: list[str] = []
+    labels: list[int] = []
+    present = set(_class_dirs(split_dir))
+    missing = [c for c in classes if c not in present]
+    if missing and what.endswith("/train"):
+        raise SourceError(f"{split_dir}: class folders {missing[:5]} (of {len(missing)}) are missing")
+    for label, c in enumerate(classes):
+        if c not in present:
+            continue
+        files = _list_files(split_dir / c)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise SourceError(f"{split_dir}: no files in any class folder ({what})")
+    return FileSplit(paths, np.asarray(labels, dtype=np.int64))
+
+
+def folder_source(src: Path | None = None, out: Path | None = None, classes_file: str | None = None,
+                  name: str = "folder") -> Source:
+    """Any ImageFolder tree: ``SRC/<class>/*`` (train only) or ``SRC/train/<class>/*`` [+ ``SRC/val/...``].
+
+    Labels follow ImageFolder (sorted class folder names of train). ``classes_file`` selects classes.
+    """
+    if src is None:
+        raise SourceError(f"{name}: --src is required (an ImageFolder tree: SRC/<class>/<image> or "
+                          "SRC/train/<class>/<image> [SRC/val/<class>/<image>])")
+    if not src.is_dir():
+        raise SourceError(f"{name}: --src {src} is not a directory")
+    splits = {s: src / s for s in ("train", "val") if (src / s).is_dir()} or {"train": src}
+    all_classes = _class_dirs(splits["train"])
+    if not all_classes:
+        raise SourceError(f"{splits['train']}: no class folders (expected {splits['train']}/<class>/<image>)")
+    classes = all_classes
+    if classes_file:
+        classes = _read_class_list(classes_file)
+        unknown = [c for c in classes if c not in all_classes]
+        if unknown:
+            raise SourceError(f"--classes {classes_file}: {unknown[:5]} are not folders of {splits['train']}")
+    if "val" in splits:
+        extra = [c for c in _class_dirs(splits["val"]) if c not in all_classes]
+        if extra:
+            raise SourceError(f"{splits['val']}: class folders {extra[:5]} do not exist in {splits['train']}")
+    listed = {s: _folder_split(d, classes, f"{name}/{s}") for s, d in splits.items()}
+    linkable = {s: str(d) for s, d in splits.items()} if classes == all_classes else {}
+    return Source(name=name, classes=classes, loaders={s: (lambda s=s: listed[s]) for s in listed},
+                  folder_splits=linkable, info={"origin": "folder", "src": str(src.resolve()),
+                                                "classes_file": classes_file})
+
+
+def _imagenet_val_truth(src: Path, files: list[str], wnids: list[str]) -> np.ndarray:
+    """Labels of a flat ImageNet val/ from LOC_val_solution.csv or the ILSVRC2012 devkit."""
+    index = {w: i for i, w in enumerate(wnids)}
+    stems = [Path(f).stem for f in files]
+    for base in (src, src.parent):
+        csv_path = base / "LOC_val_solution.csv"
+        if csv_path.is_file():
+            truth = {}
+            for line in csv_path.read_text().splitlines()[1:]:
+                if line.strip():
+                    image_id, pred = line.split(",", 1)
+                    truth[image_id.strip()] = pred.split()[0]
+            missing = [s for s in stems if s not in truth]
+            if missing:
+                raise SourceError(f"{csv_path}: no ground truth for {len(missing)} val images, e.g. {missing[0]}")
+            return np.asarray([index.get(truth[s], -2) for s in stems], dtype=np.int64)
+        devkit = base / "ILSVRC2012_devkit_t12" / "data"
+        if (devkit / "meta.mat").is_file() and (devkit / "ILSVRC2012_validation_ground_truth.txt").is_file():
+            from scipy.io import loadmat
+
+            synsets = loadmat(str(devkit / "meta.mat"), squeeze_me=True)["synsets"]
+            id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+            gt = [int(v) for v in (devkit / "ILSVRC2012_validation_ground_truth.txt").read_text().split()]
+            labels = []
+            for s in stems:  # ILSVRC2012_val_00000001 -> line 1
+                try:
+                    labels.append(index.get(id_to_wnid[gt[int(s.rsplit("_", 1)[1]) - 1]], -2))
+                except (IndexError, ValueError, KeyError):
+                    raise SourceError(f"{devkit}: cannot find the ground truth of val image {s}") from None
+            return np.asarray(labels, dtype=np.int64)
+    raise SourceError(f"{src}/val is flat (no class folders) and no ground truth was found: expected "
+                      "LOC_val_solution.csv or ILSVRC2012_devkit_t12/data/ with meta.mat and "
+                      f"ILSVRC2012_validation_ground_truth.txt, in {src} or {src.parent}")
+
+
+def imagenet_source(src: Path | None = None, out: Path | None = None, classes_file: str | None = None,
+                    name: str = "imagenet") -> Source:
+    """ImageNet-1k: ``SRC/train/<wnid>/*.JPEG`` and ``SRC/val/`` as class folders or flat + ground truth.
+
+    ``imagenet100`` selects 100 classes with ``classes_file``; without one it takes every tenth class
+    of the sorted wnids and says so.
+    """
+    if src is None or not (src / "train").is_dir():
+        raise SourceError(f"{name}: --src must be the ImageNet root with train/<wnid>/*.JPEG and val/ "
+                          f"(got {src})")
+    all_wnids = _class_dirs(src / "train")
+    if not all_wnids:
+        raise SourceError(f"{src}/train: no class folders")
+    wnids = all_wnids
+    if classes_file:
+        wnids = _read_class_list(classes_file)
+        unknown = [w for w in wnids if w not in all_wnids]
+        if unknown:
+            raise SourceError(f"--classes {classes_file}: {unknown[:5]} are not folders of {src}/train")
+    elif name == "imagenet100":
+        step = max(1, len(all_wnids) // 100)
+        wnids = all_wnids[::step][:100]
+        log.warning("imagenet100 without --classes: using every %d-th class of %s/train (%d classes); pass "
+                    "--classes FILE for a standard list", step, src, len(wnids))
+    listed: dict[str, FileSplit] = {"train": _folder_split(src / "train", wnids, f"{name}/train")}
+    folder_splits = {"train": str(src / "train")} if wnids == all_wnids else {}
+    val = src / "val"
+    if val.is_dir():
+        if _class_dirs(val):
+            listed["val"] = _folder_split(val, wnids, f"{name}/val")
+            if wnids == all_wnids:
+                folder_splits["val"] = str(val)
+        else:
+            files = _list_files(val)
+            if not files:
+                raise SourceError(f"{val}: empty")
+            labels = _imagenet_val_truth(src, files, all_wnids)
+            if (labels == -2).any():
+                raise SourceError(f"{src}: val ground truth names classes that are not folders of {src}/train")
+            keep_ids = {all_wnids.index(w) for w in wnids}
+            remap = {all_wnids.index(w): i for i, w in enumerate(wnids)}
+            keep = [i for i, lab in enumerate(labels) if int(lab) in keep_ids]
+            listed["val"] = FileSplit([files[i] for i in keep],
+                                      np.asarray([remap[int(labels[i])] for i in keep], dtype=np.int64))
+    else:
+        log.warning("%s: no val/ folder; only train is converted", src)
+    return Source(name=name, classes=wnids, loaders={s: (lambda s=s: listed[s]) for s in listed},
+                  folder_splits=folder_splits,
+                  info={"origin": name, "src": str(src.resolve()), "classes_file": classes_file})
+
+
+def _tiny_root(src: Path | None, out: Path | None) -> Path:
+    if src is None:
+        raise SourceError("tiny-imagenet: --src is required: tiny-imagenet-200.zip or its extracted folder "
+                          "tiny-imagenet-200/ (wnids.txt, train/, val/val_annotations.txt)")
+    if src.is_file() and src.suffix == ".zip":
+        import shutil
+        import zipfile
+
+        cache = (out or Path("data")) / ".downloads"
+        root = cache / "tiny-imagenet-200"
+        if not (root / "wnids.txt").is_file():
+            tmp = cache / f".tiny-imagenet-200.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                with zipfile.ZipFile(src) as zf:
+                    zf.extractall(tmp)
+            except (OSError, zipfile.BadZipFile) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise SourceError(f"{src}: cannot extract ({e})") from e
+            if not (tmp / "tiny-imagenet-200").is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise SourceError(f"{src}: the zip has no tiny-imagenet-200/ folder")
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp / "tiny-imagenet-200", root)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return root
+    for root in (src, src / "tiny-imagenet-200"):
+        if (root / "wnids.txt").is_file():
+            return root
+    raise SourceError(f"tiny-imagenet: --src {src} has no wnids.txt; expected tiny-imagenet-200.zip or the "
+                      "extracted tiny-imagenet-200/ (wnids.txt, train/<wnid>/images/, val/val_annotations.txt)")
+
+
+def tiny_imagenet_source(src: Path | None = None, out: Path | None = None) -> Source:
+    """Tiny-ImageNet-200: train/<wnid>/images/*.JPEG and val/images + val/val_annotations.txt (64 px)."""
+    root = _tiny_root(src, out)
+    wnids = sorted(ln.strip() for ln in (root / "wnids.txt").read_text().splitlines() if ln.strip())
+    if not wnids:
+        raise SourceError(f"{root}/wnids.txt lists no classes")
+    index = {w: i for i, w in enumerate(wnids)}
+    paths: list[str] = []
+    labels: list[int] = []
+    for w in wnids:
+        d = root / "train" / w / "images"
+        if not d.is_dir():
+            raise SourceError(f"{root}/train/{w}/images is missing")
+        files = _list_files(d)
+        paths += files
+        labels += [index[w]] * len(files)
+    train = FileSplit(paths, np.asarray(labels, dtype=np.int64))
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise SourceError(f"{ann} is missing (tiny-imagenet val labels)")
+    vpaths: list[str] = []
+    vlabels: list[int] = []
+    for lineno, line in enumerate(ann.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in index:
+            raise SourceError(f"{ann}:{lineno}: expected '<file>\\t<wnid>\\t...' with a wnid from wnids.txt")
+        vpaths.append(str(root / "val" / "images" / parts[0]))
+        vlabels.append(index[parts[1]])
+    val = FileSplit(vpaths, np.asarray(vlabels, dtype=np.int64))
+    if not len(train) or not len(val):
+        raise SourceError(f"{root}: no training or validation images")
+    return Source(name="tiny-imagenet", classes=wnids, loaders={"train": lambda: train, "val": lambda: val},
+                  info={"origin": "tiny-imagenet", "src": str(root.resolve())}, max_side_hint=64)
+
+
 SOURCES: dict[str, Callable[..., Source]] = {
-    "demo": lambda src=None, **_: demo_source(),
+    "demo": lambda src=None, out=None, **_: demo_source(),
+    "cifar10": lambda src=None, out=None, **_: cifar_source("cifar10", src, out),
+    "cifar100": lambda src=None, out=None, **_: cifar_source("cifar100", src, out),
+    "stl10": lambda src=None, out=None, **_: stl10_source(src, out),
+    "tiny-imagenet": lambda src=None, out=None, **_: tiny_imagenet_source(src, out),
+    "imagenet": lambda src=None, out=None, classes_file=None: imagenet_source(src, out, classes_file, "imagenet"),
+    "imagenet100": lambda src=None, out=None, classes_file=None: imagenet_source(src, out, classes_file,
+                                                                                 "imagenet100"),
+    "folder": lambda src=None, out=None, classes_file=None: folder_source(src, out, classes_file, "folder"),
 }
 
 
 def build_source(name: str, src: str | os.PathLike | None = None, **options: Any) -> Source:
-    """The source called ``name`` (a key of :data:`SOURCES`), reading from ``src`` where it needs files."""
+    """The source called ``name`` (a key of :data:`SOURCES`), reading from ``src`` where it needs files.
+
+    Options: ``out`` (output root, for downloads and extracted zips), ``classes_file`` (class list).
+    """
     if name not in SOURCES:
         raise SourceError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(SOURCES))}")
-    return SOURCES[name](src=Path(src) if src is not None else None, **options)
+    if options.get("classes_file") and name not in ("imagenet", "imagenet100", "folder"):
+        raise SourceError(f"--classes applies to imagenet, imagenet100 and folder, not {name!r}")
+    return SOURCES[name](src=Path(src).expanduser() if src is not None else None, **options)

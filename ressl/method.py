@@ -1,0 +1,221 @@
+"""The ReSSL module: student, EMA teacher, queue; ``forward`` returns the loss, ``update`` moves the rest.
+
+One training step, as the loop drives it::
+
+    loss, metrics = model(batch.weak, batch.strong, infonce_weight=w)   # teacher keys stored
+    accelerator.backward(loss); optimizer.step()
+    unwrapped.update(momentum)                                          # EMA, then enqueue keys
+
+The queue is written only in :meth:`ReSSL.update`, after the backward pass, because autograd saved
+the queue tensor for the student logits; writing it in ``forward`` would corrupt the gradient.
+Variants are switches of the same module: the TPAMI predictor (student only) and InfoNCE warm-up,
+the seed-004 instance term (``w_sim``) and multi-crop (any number of strong views).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ema import ema_update_
+from .loss import infonce_loss, relation_loss, similarity_loss
+from .models import Predictor, ProjectionHead, build_backbone
+from .queue import FeatureQueue
+
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = ["Encoder", "ReSSL", "infonce_weight", "BACKBONE_PREFIX"]
+
+# State-dict prefixes of the two backbones inside ReSSL.state_dict() (tools/export.py reads them).
+BACKBONE_PREFIX = {"student": "student.backbone.", "teacher": "teacher.backbone."}
+
+
+class Encoder(nn.Module):
+    """Backbone -> projection head (-> predictor, student only). Returns unnormalised [B, out_dim]."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, predictor: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.predictor = predictor
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.head(self.backbone(x))
+        return self.predictor(z) if self.predictor is not None else z
+
+
+def infonce_weight(epoch: float, warmup_epochs: int, blend_epochs: int) -> float:
+    """Weight of InfoNCE against the relation loss at fractional ``epoch`` (TPAMI warm-up).
+
+    1 for the first ``warmup_epochs``, then falls linearly to 0 over ``blend_epochs`` (a hard switch
+    when that is 0), then stays 0.
+    """
+    if warmup_epochs < 0 or blend_epochs < 0:
+        raise ValueError(f"warm-up and blend epochs must be >= 0, got {warmup_epochs} and {blend_epochs}")
+    if epoch < warmup_epochs:
+        return 1.0
+    if epoch < warmup_epochs + blend_epochs:
+        return 1.0 - (epoch - warmup_epochs) / blend_epochs
+    return 0.0
+
+
+class ReSSL(nn.Module):
+    """Relational self-supervised learning with an EMA teacher and a memory queue.
+
+    Args:
+        backbone: name in ``ressl.models.BACKBONES`` or any torchvision classification builder.
+        proj_hidden, proj_dim: projection head ``feat -> proj_hidden -> ReLU -> proj_dim``.
+        predictor: add the TPAMI predictor ``proj_dim -> pred_hidden -> proj_dim`` to the student.
+        pred_hidden: predictor width.
+        queue_size: K, rows of the queue; a multiple of the global batch.
+        tau_s, tau_t: student / teacher temperatures of the relation loss.
+        w_rel, w_sim: weights of the relation(+InfoNCE) term and of the instance term ``2 - 2 cos``.
+        infonce_tau: temperature of the InfoNCE warm-up loss.
+
+    Attributes:
+        student: :class:`Encoder` with backbone, head and optional predictor (trained).
+        teacher: deep copy of the student's backbone and head, no predictor, ``requires_grad=False``.
+            It follows the module's train/eval mode, so its BatchNorm uses batch statistics during
+            training, as in the paper.
+        queue: :class:`~ressl.queue.FeatureQueue` of teacher embeddings.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str,
+        proj_hidden: int,
+        proj_dim: int,
+        predictor: bool,
+        pred_hidden: int,
+        queue_size: int,
+        tau_s: float,
+        tau_t: float,
+        w_rel: float,
+        w_sim: float,
+        infonce_tau: float,
+    ) -> None:
+        super().__init__()
+        for key, value in (("proj_hidden", proj_hidden), ("proj_dim", proj_dim), ("pred_hidden", pred_hidden),
+                           ("tau_s", tau_s), ("tau_t", tau_t), ("infonce_tau", infonce_tau)):
+            if value <= 0:
+                raise ValueError(f"ReSSL: {key} must be > 0, got {value}")
+        if w_rel < 0 or w_sim < 0 or w_rel + w_sim == 0:
+            raise ValueError(f"ReSSL: w_rel and w_sim must be >= 0 and not both 0, got {w_rel} and {w_sim}")
+        net, feat_dim = build_backbone(backbone)
+        head = ProjectionHead(feat_dim, proj_hidden, proj_dim)
+        self.student = Encoder(net, head, Predictor(proj_dim, pred_hidden) if predictor else None)
+        self.teacher = Encoder(copy.deepcopy(net), copy.deepcopy(head))
+        self.teacher.requires_grad_(False)
+        self.queue = FeatureQueue(queue_size, proj_dim)
+        self.feat_dim = feat_dim
+        self.tau_s, self.tau_t, self.infonce_tau = tau_s, tau_t, infonce_tau
+        self.w_rel, self.w_sim = w_rel, w_sim
+        self._keys: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ReSSL:
+        """Build from the flat training config (the keys of the same names)."""
+        model = cls(
+            backbone=cfg.backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, predictor=cfg.predictor,
+            pred_hidden=cfg.pred_hidden, queue_size=cfg.queue_size, tau_s=cfg.tau_s, tau_t=cfg.tau_t,
+            w_rel=cfg.w_rel, w_sim=cfg.w_sim, infonce_tau=cfg.infonce_tau,
+        )
+        model.queue.check_batch(cfg.batch_size)
+        return model
+
+    def _embed_student(self, views: list[Tensor]) -> list[Tensor]:
+        """Student outputs per view, one forward per distinct resolution (multi-crop batching)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, v in enumerate(views):
+            groups.setdefault(tuple(v.shape[1:]), []).append(i)
+        out: list[Tensor | None] = [None] * len(views)
+        for idx in groups.values():
+            x = views[idx[0]] if len(idx) == 1 else torch.cat([views[i] for i in idx])
+            z = self.student(x)
+            for i, zi in zip(idx, z.split([views[i].shape[0] for i in idx])):
+                out[i] = zi
+        return out  # type: ignore[return-value]
+
+    def forward(
+        self, weak: Tensor, strong: list[Tensor], infonce_weight: float = 0.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of one step and detached 0-dim metrics (no host sync).
+
+        Args:
+            weak: [B, 3, H, W] weak view, teacher input.
+            strong: strong views ``[B, 3, h_i, w_i]``, student inputs; views of equal size share a forward.
+            infonce_weight: a in [0, 1]; per view the loss is
+                ``w_rel * ((1 - a) * relation + a * infonce) + w_sim * similarity``, averaged over views.
+
+        Returns:
+            ``(loss, {"loss", "loss_rel", "loss_nce", "loss_sim"})``; the teacher keys of ``weak`` are kept
+            for :meth:`update`. Terms with zero weight are computed without gradient, for the log only.
+        """
+        if not strong:
+            raise ValueError("ReSSL.forward needs at least one strong view")
+        if not 0.0 <= infonce_weight <= 1.0:
+            raise ValueError(f"infonce_weight must be in [0, 1], got {infonce_weight}")
+        for i, v in enumerate(strong):
+            if v.shape[0] != weak.shape[0]:
+                raise ValueError(f"strong view {i} has batch {v.shape[0]}, the weak view {weak.shape[0]}")
+        with torch.no_grad():
+            k = F.normalize(self.teacher(weak).float(), dim=1)
+        self._keys = k
+        bank = self.queue.buffer
+        w_rel_term = self.w_rel * (1.0 - infonce_weight)
+        w_nce_term = self.w_rel * infonce_weight
+        terms = {"loss_rel": (w_rel_term, lambda q, p: relation_loss(q, k, bank, self.tau_s, self.tau_t)),
+                 "loss_nce": (w_nce_term, lambda q, p: infonce_loss(q, k, bank, self.infonce_tau)),
+                 "loss_sim": (self.w_sim, lambda q, p: similarity_loss(p, k))}
+        total: Tensor | None = None
+        logged = {name: torch.zeros((), device=k.device) for name in terms}
+        outs = self._embed_student(strong)
+        for p in outs:
+            q = F.normalize(p.float(), dim=1)
+            view_loss: Tensor | None = None
+            for name, (weight, fn) in terms.items():
+                if weight > 0:
+                    value = fn(q, p)
+                    view_loss = weight * value if view_loss is None else view_loss + weight * value
+                else:
+                    with torch.no_grad():
+                        value = fn(q, p)
+                logged[name] = logged[name] + value.detach()
+            total = view_loss if total is None else total + view_loss
+        n = len(outs)
+        loss = total / n if n > 1 else total
+        metrics = {"loss": loss.detach(), **{name: v / n for name, v in logged.items()}}
+        return loss, metrics
+
+    @torch.no_grad()
+    def update(self, momentum: float) -> None:
+        """After ``optimizer.step()``: EMA of backbone + head into the teacher, then enqueue the last keys."""
+        if self._keys is None:
+            raise RuntimeError("ReSSL.update called before forward: there are no teacher keys to enqueue")
+        ema_update_(self.teacher, self.student, momentum)  # matched by name: the predictor is skipped
+        self.queue.push(self._keys)
+        self._keys = None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Student parameters for the optimiser: decay on weights, none on norm weights and biases (1-D)."""
+        decay, no_decay = [], []
+        for p in self.student.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def eval_backbone(self) -> nn.Module:
+        """Backbone for kNN and linear evaluation: the student's.
+
+        The official ReSSL code (mingkai-zheng/ReSSL, linear_eval.py) evaluates the query encoder
+        (``encoder_q.net``), i.e. the student backbone, and so do we so that our numbers compare with
+        the paper's. The teacher (``self.teacher.backbone``) stays available for export.
+        """
+        return self.student.backbone

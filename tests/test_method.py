@@ -22,7 +22,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
 def _model(**over):
     kw = dict(backbone="resnet18_cifar", proj_hidden=32, proj_dim=16, predictor=False, pred_hidden=24,
               queue_size=32, tau_s=0.1, tau_t=0.04, w_rel=1.0, w_sim=0.0, infonce_tau=0.2)

@@ -16,7 +16,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_registry_backbone_is_headless_with_discovered_width(name):
     torch.manual_seed(0)

@@ -1,0 +1,328 @@
+"""Evaluation of a frozen backbone: features, weighted kNN, linear probe, t-SNE picture.
+
+The trainer's kNN monitor and ``tools/eval.py`` share these functions, so the number printed during
+training is the number a checkpoint evaluates to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Config, ConfigError
+
+__all__ = [
+    "load_checkpoint",
+    "extract_features",
+    "knn_accuracy",
+    "topk_accuracy",
+    "linear_probe",
+    "linear_probe_augmented",
+    "tsne_plot",
+]
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config]:
+    """The ReSSL state_dict and Config of a trainer checkpoint, read with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: expected a trainer checkpoint dict with keys 'model' and 'config', got {found}")
+    raw = ckpt["config"]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: 'config' must be a dict (Config.to_dict()), got {type(raw).__name__}")
+    known = {f for f in Config.__dataclass_fields__}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: config has keys this version does not know: {unknown}")
+    return ckpt["model"], Config(**raw).validate()
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], normalize: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Backbone features of every image of ``loader``, in eval mode (BN running statistics).
+
+    Args:
+        backbone: maps [B, 3, H, W] to [B, F].
+        loader: yields ``(images, labels)`` already on the backbone's device.
+        normalize: L2-normalise the features (kNN and t-SNE want unit vectors; the linear probe
+            standardises raw ones itself).
+
+    Returns:
+        ``(feats [N, F] float32, labels [N] int64)`` on the loader's device. The backbone's train/eval
+        mode is restored afterwards.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    try:
+        for images, y in loader:
+            f = backbone(images).float()
+            feats.append(F.normalize(f, dim=1) if normalize else f)
+            labels.append(y.long())
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        raise ValueError("extract_features: the loader yielded no batches (empty split?)")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _num_classes(num_classes: int | None, *labels: Tensor) -> int:
+    found = int(max(int(y.max()) for y in labels if y.numel())) + 1
+    if num_classes is None:
+        return found
+    if num_classes < found:
+        raise ValueError(f"num_classes={num_classes} but labels go up to {found - 1}")
+    return num_classes
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    k: int = 200,
+    t: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 256,
+) -> float:
+    """Weighted kNN top-1 (%) with cosine similarity (InstDisc / ReSSL monitor).
+
+    Each test feature votes with its ``k`` most similar training features, each weighted by
+    ``exp(sim / t)``; the class with the largest total wins. Test rows are processed ``chunk`` at a
+    time so memory stays ``chunk x N_train``.
+
+    Args:
+        train_feats: [N, F] L2-normalised memory bank; train_labels: [N].
+        test_feats: [M, F] L2-normalised queries; test_labels: [M].
+        k: neighbours (clipped to N); t: temperature of the vote weights.
+        num_classes: number of classes (default: from the labels).
+    """
+    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"features must be [N, F] and [M, F], got {tuple(train_feats.shape)} and "
+                         f"{tuple(test_feats.shape)}")
+    if len(train_labels) != len(train_feats) or len(test_labels) != len(test_feats):
+        raise ValueError("each feature needs exactly one label")
+    if k <= 0 or t <= 0:
+        raise ValueError(f"kNN needs k > 0 and t > 0, got k={k}, t={t}")
+    c = _num_classes(num_classes, train_labels, test_labels)
+    k = min(k, len(train_feats))
+    bank = train_feats.float()
+    bank_labels = train_labels.to(bank.device).long()
+    correct = 0
+    for start in range(0, len(test_feats), chunk):
+        q = test_feats[start:start + chunk].to(bank.device).float()
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(q), c, device=bank.device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / t).exp())
+        pred = votes.argmax(dim=1)
+        correct += int((pred == test_labels[start:start + chunk].to(bank.device)).sum())
+    return 100.0 * correct / max(len(test_feats), 1)
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """Top-k accuracies (%) of ``logits`` [N, C]; k larger than C counts as C."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return {k: 100.0 * float(hit[:, :k].any(dim=1).float().mean()) for k in ks}
+
+
+def _sgd_cosine(params, lr: float, momentum: float, weight_decay: float, total_steps: int):
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    return opt, sched
+
+
+def linear_probe(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int | None = None,
+    epochs: int = 100,
+    lr: float = 0.3,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fast linear probe on cached features: SGD + cosine, ``lr * batch_size / 256`` (paper: 0.3, 100 ep).
+
+    Features are standardised with the training set's mean and std first. That is a fixed affine map,
+    so the classifier is still linear in the backbone features, but it makes one learning rate work
+    for any backbone width and feature scale.
+
+    Returns:
+        ``{"top1": %, "top5": %}`` on the test features.
+    """
+    if epochs <= 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"linear probe needs epochs, batch_size, lr > 0; got {epochs}, {batch_size}, {lr}")
+    c = _num_classes(num_classes, train_labels, test_labels)
+    device = train_feats.device
+    x = train_feats.float()
+    mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
+    x = (x - mean) / std
+    y = train_labels.to(device).long()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    fc = nn.Linear(x.shape[1], c)
+    with torch.no_grad():
+        fc.weight.copy_(0.01 * torch.randn(fc.weight.shape, generator=g))
+        fc.bias.zero_()
+    fc = fc.to(device)
+    steps = math.ceil(len(x) / batch_size)
+    opt, sched = _sgd_cosine(fc.parameters(), lr * batch_size / 256, momentum, weight_decay, epochs * steps)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g).to(device)
+        for i in range(steps):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(fc(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        logits = fc((test_feats.to(device).float() - mean) / std)
+    acc = topk_accuracy(logits, test_labels.to(device).long())
+    return {"top1": acc[1], "top5": acc[5]}
+
+
+def linear_probe_augmented(
+    backbone: nn.Module,
+    train_loader: Iterable[tuple[Tensor, Tensor]],
+    test_loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    num_classes: int,
+    feat_dim: int,
+    epochs: int = 100,
+    lr: float = 0.3,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """The paper's linear probe: frozen backbone in eval mode, fresh augmented views every epoch.
+
+    ``train_loader`` should apply the weak training augmentation (random resized crop + flip) and
+    ``test_loader`` center crops. A BatchNorm without affine parameters in front of the linear layer
+    standardises features as :func:`linear_probe` does (running statistics at test time). Costs one
+    backbone forward per image per epoch; :func:`linear_probe` is the cached fast path.
+
+    Returns:
+        ``{"top1": %, "top5": %}`` on ``test_loader``.
+    """
+    device = next(backbone.parameters()).device
+    probe = nn.Sequential(nn.BatchNorm1d(feat_dim, affine=False), nn.Linear(feat_dim, num_classes)).to(device)
+    nn.init.normal_(probe[1].weight, 0, 0.01)
+    nn.init.zeros_(probe[1].bias)
+    steps = len(train_loader) if hasattr(train_loader, "__len__") else 0
+    opt, sched = _sgd_cosine(probe.parameters(), lr * batch_size / 256, momentum, weight_decay,
+                             epochs * max(steps, 1))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for epoch in range(epochs):
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            probe.train()
+            for images, y in train_loader:
+                with torch.no_grad():
+                    f = backbone(images).float()
+                loss = F.cross_entropy(probe(f), y.long())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if steps:
+                    sched.step()
+        probe.eval()
+        logits, labels = [], []
+        with torch.no_grad():
+            for images, y in test_loader:
+                logits.append(probe(backbone(images).float()))
+                labels.append(y.long())
+    finally:
+        backbone.train(was_training)
+    acc = topk_accuracy(torch.cat(logits), torch.cat(labels))
+    return {"top1": acc[1], "top5": acc[5]}
+
+
+def tsne_plot(
+    feats: Tensor,
+    labels: Tensor,
+    path: str | os.PathLike,
+    *,
+    class_names: list[str] | None = None,
+    max_points: int = 5000,
+    perplexity: float = 30.0,
+    seed: int = 0,
+    title: str = "t-SNE of validation features",
+) -> Path:
+    """Write a 2-D t-SNE scatter of ``feats`` coloured by class to the PNG ``path`` (atomically).
+
+    At most ``max_points`` rows, a fixed random subset, are embedded: t-SNE is quadratic-ish and the
+    picture does not improve beyond a few thousand points.
+    """
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.manifold import TSNE
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"t-SNE output {str(path)!r} must end in .png")
+    x = feats.detach().float().cpu().numpy()
+    y = labels.detach().cpu().numpy()
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"t-SNE needs >= 3 features with one label each, got {len(x)} and {len(y)}")
+    rng = np.random.default_rng(seed)
+    if len(x) > max_points:
+        keep = rng.choice(len(x), max_points, replace=False)
+        x, y = x[keep], y[keep]
+    perp = min(perplexity, (len(x) - 1) / 3)  # sklearn requires perplexity < n_samples
+    xy = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
+
+    fig = Figure(figsize=(7, 7), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    classes = np.unique(y)
+    many = len(classes) > 20  # tab20 for few classes; a continuous map when they would repeat
+    cmap = matplotlib.colormaps["turbo" if many else "tab20"]
+    for i, c in enumerate(classes):
+        m = y == c
+        color = cmap(i / max(len(classes) - 1, 1)) if many else cmap(i)
+        name = class_names[int(c)] if class_names and int(c) < len(class_names) else str(int(c))
+        ax.scatter(xy[m, 0], xy[m, 1], s=4, color=color, label=name if len(classes) <= 20 else None)
+    if len(classes) <= 20:
+        ax.legend(markerscale=3, fontsize=7, loc="best")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("wrote t-SNE of %d points to %s", len(x), path)
+    return path

@@ -1,0 +1,200 @@
+"""Evaluation: features, kNN against a brute-force reference, linear probes, t-SNE, tools/eval.py, export."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from ressl.config import Config, ConfigError
+from ressl.eval import (
+    extract_features,
+    knn_accuracy,
+    linear_probe,
+    linear_probe_augmented,
+    load_checkpoint,
+    topk_accuracy,
+    tsne_plot,
+)
+from ressl.method import ReSSL
+from ressl.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny ops on the shared 2-core box run far slower with two contending threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"ressl_tools_{name}", ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _blobs(n_per_class, classes, dim, seed, spread=0.3):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 3
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    return centers[y] + spread * torch.randn(len(y), dim, generator=g), y
+
+
+def _ref_knn(train_f, train_y, test_f, test_y, k, t, c):
+    correct = 0
+    for i in range(len(test_f)):
+        sims = [(float(test_f[i] @ train_f[j]), int(train_y[j])) for j in range(len(train_f))]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * c
+        for s, label in sims[:k]:
+            votes[label] += torch.tensor(s / t, dtype=torch.float64).exp().item()
+        correct += int(max(range(c), key=lambda j: votes[j]) == int(test_y[i]))
+    return 100.0 * correct / len(test_f)
+
+
+def test_extract_features_normalises_and_restores_mode():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.BatchNorm1d(5))
+    net.train()
+    batches = [(torch.randn(3, 3, 2, 2), torch.tensor([0, 1, 2])), (torch.randn(2, 3, 2, 2), torch.tensor([1, 1]))]
+    feats, labels = extract_features(net, batches)
+    assert feats.shape == (5, 5) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(5))
+    assert labels.tolist() == [0, 1, 2, 1, 1] and net.training
+    raw, _ = extract_features(net, batches, normalize=False)
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(5))
+    with pytest.raises(ValueError, match="no batches"):
+        extract_features(net, [])
+
+
+def test_knn_matches_bruteforce_reference_and_chunking():
+    g = torch.Generator().manual_seed(0)
+    train_f = F.normalize(torch.randn(40, 6, generator=g), dim=1)
+    train_y = torch.randint(0, 4, (40,), generator=g)
+    test_f = F.normalize(torch.randn(25, 6, generator=g), dim=1)
+    test_y = torch.randint(0, 4, (25,), generator=g)
+    for k in (1, 5, 200):
+        ref = _ref_knn(train_f.double(), train_y, test_f.double(), test_y, min(k, 40), 0.07, 4)
+        assert knn_accuracy(train_f, train_y, test_f, test_y, k=k, t=0.07) == pytest.approx(ref)
+        assert knn_accuracy(train_f, train_y, test_f, test_y, k=k, t=0.07, chunk=4) == pytest.approx(ref)
+
+
+def test_knn_on_clusters_is_perfect_and_checks_inputs():
+    x, y = _blobs(20, 5, 8, seed=1)
+    xt, yt = _blobs(10, 5, 8, seed=2)
+    assert knn_accuracy(F.normalize(x, dim=1), y, F.normalize(xt, dim=1), yt, k=10) == 100.0
+    with pytest.raises(ValueError, match="features must be"):
+        knn_accuracy(x, y, xt[:, :3], yt)
+    with pytest.raises(ValueError, match="num_classes=2"):
+        knn_accuracy(x, y, xt, yt, num_classes=2)
+
+
+def test_topk_accuracy():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    acc = topk_accuracy(logits, torch.tensor([1, 2, 1]), ks=(1, 2))
+    assert acc[1] == pytest.approx(100 / 3) and acc[2] == pytest.approx(200 / 3)
+
+
+def test_linear_probe_on_separable_features_is_near_perfect():
+    x, y = _blobs(60, 10, 16, seed=3, spread=0.5)
+    xt, yt = _blobs(20, 10, 16, seed=4, spread=0.5)
+    acc = linear_probe(x * 50 + 7, y, xt * 50 + 7, yt, epochs=20, batch_size=64)  # any scale/offset works
+    assert acc["top1"] >= 99.0 and acc["top5"] == 100.0
+    chance = linear_probe(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))], xt, yt,
+                          epochs=5, batch_size=64)
+    assert chance["top1"] < 50.0
+
+
+def test_augmented_linear_probe_trains_on_loader_views():
+    x, y = _blobs(40, 4, 12, seed=5)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # mixed-class batches, as
+    x, y = x[order], y[order]  # a shuffling loader gives them (the probe's BatchNorm needs that)
+    xt, yt = _blobs(10, 4, 12, seed=6)
+    backbone = torch.nn.Flatten()  # "images" [B, 3, 2, 2] -> their 12 values
+    backbone.weight = torch.nn.Parameter(torch.zeros(1))  # a device to read, as real backbones have
+    train = [(x[i:i + 32].view(-1, 3, 2, 2), y[i:i + 32]) for i in range(0, len(x), 32)]
+    test = [(xt.view(-1, 3, 2, 2), yt)]
+    acc = linear_probe_augmented(backbone, train, test, num_classes=4, feat_dim=12, epochs=15, batch_size=32)
+    assert acc["top1"] >= 95.0
+
+
+def test_tsne_writes_png(tmp_path):
+    x, y = _blobs(15, 3, 8, seed=7)
+    out = tsne_plot(x, y, tmp_path / "sub" / "tsne.png", class_names=["a", "b", "c"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+    assert [p.name for p in out.parent.iterdir()] == ["tsne.png"]  # no temp file left behind
+    with pytest.raises(ValueError, match=".png"):
+        tsne_plot(x, y, tmp_path / "tsne.jpg")
+
+
+def _checkpoint(tmp_path, backbone="resnet18_cifar", **cfg_over):
+    cfg = Config(backbone=backbone, proj_hidden=32, proj_dim=16, pred_hidden=16, queue_size=32, batch_size=16,
+                 recipe="cifar32", **cfg_over).validate()
+    torch.manual_seed(0)
+    model = ReSSL.from_config(cfg)
+    with torch.no_grad():  # make student and teacher differ, as after training
+        for p in model.student.backbone.parameters():
+            p.add_(0.01)
+    path = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "optimizer": {}, "step": 3, "epoch": 0},
+               path)
+    return path, model
+
+
+@pytest.mark.parametrize("backbone,tv", [("resnet18", torchvision.models.resnet18),
+                                         ("mobilenet_v3_large", torchvision.models.mobilenet_v3_large)])
+def test_export_loads_into_torchvision_model_with_only_classifier_missing(tmp_path, backbone, tv):
+    ckpt, model = _checkpoint(tmp_path, backbone=backbone)
+    out = tmp_path / "export" / "backbone.pth"
+    missing = _tool("export").main(["--ckpt", str(ckpt), "--out", str(out)])
+    state = torch.load(out, weights_only=True)
+    target = tv()
+    result = target.load_state_dict(state, strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == sorted(missing)
+    assert all(k.split(".")[0] in ("fc", "classifier") for k in result.missing_keys)
+    assert set(result.missing_keys) == set(target.state_dict()) - set(model.student.backbone.state_dict())
+    for k, v in model.student.backbone.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_export_cifar_stem_and_teacher_branch(tmp_path):
+    ckpt, model = _checkpoint(tmp_path, backbone="resnet18_cifar")
+    out = tmp_path / "teacher.pth"
+    _tool("export").main(["--ckpt", str(ckpt), "--out", str(out), "--branch", "teacher"])
+    state = torch.load(out, weights_only=True)
+    result = build_model("resnet18_cifar").load_state_dict(state, strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    assert torch.equal(state["conv1.weight"], model.teacher.backbone.conv1.weight)
+    assert not torch.equal(state["conv1.weight"], model.student.backbone.conv1.weight)
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    torch.save({"model": {}}, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="'model' and 'config'"):
+        load_checkpoint(tmp_path / "a.pt")
+    torch.save({"model": {}, "config": {"lr": 0.1, "bogus": 1}}, tmp_path / "b.pt")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_checkpoint(tmp_path / "b.pt")
+
+
+def test_eval_tool_end_to_end_on_image_folder(tmp_path, image_folder):
+    ckpt, _ = _checkpoint(tmp_path, data=str(image_folder), predictor=True)
+    result = _tool("eval").main(["--ckpt", str(ckpt), "--probe-epochs", "3", "--num-workers", "0",
+                                 "--batch-size", "8", "--device", "cpu"])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["num_train"] == 24 and saved["num_val"] == 12
+    for key in ("knn_top1", "linear_top1", "linear_top5"):
+        assert 0.0 <= saved[key] <= 100.0 and saved[key] == result[key]
+    assert saved["linear_top5"] == 100.0  # 3 classes: top-5 covers all
+    assert (tmp_path / "tsne.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="ImageFolder"):
+        _tool("eval").main(["--ckpt", str(ckpt), "--data", str(tmp_path), "--no-tsne"])

@@ -1,0 +1,195 @@
+"""Evaluate a ReSSL checkpoint: weighted kNN, linear probe (top-1/top-5) and a t-SNE picture.
+
+    python tools/eval.py --ckpt runs/cifar10/last.pt                 # kNN + fast linear probe + t-SNE
+    python tools/eval.py --ckpt runs/imagenet/last.pt --probe full   # paper protocol: augmented views
+    make eval CKPT=runs/demo/last.pt ARGS="--probe-epochs 30"
+
+Data: the checkpoint's ``data`` directory (override with ``--data``), ``train/`` and ``val/``
+ImageFolder trees, read at the recipe's weak-view size with its normalisation. The linear probe
+follows the paper (SGD momentum 0.9, lr 0.3 per 256, cosine, 100 epochs, frozen backbone); ``fast``
+trains on features cached once (center crops), ``full`` on fresh random-resized-crop + flip views
+every epoch. Results go to ``eval.json`` and ``tsne.png`` next to the checkpoint (``--out-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipelines.spec import get_recipe  # noqa: E402
+from ressl.config import Config  # noqa: E402
+from ressl.eval import (  # noqa: E402
+    extract_features,
+    knn_accuracy,
+    linear_probe,
+    linear_probe_augmented,
+    load_checkpoint,
+    tsne_plot,
+)
+from ressl.method import ReSSL  # noqa: E402
+
+log = logging.getLogger("eval")
+
+__all__ = ["load_model", "evaluate", "main"]
+
+Loader = Iterable[tuple[Tensor, Tensor]]
+
+
+def load_model(ckpt: str | os.PathLike, branch: str = "student") -> tuple[nn.Module, int, Config]:
+    """Backbone of a trainer checkpoint (student by default, as the paper evaluates), its width, config."""
+    state, cfg = load_checkpoint(ckpt)
+    model = ReSSL.from_config(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{ckpt}: model weights do not match the config's model "
+                         f"(backbone={cfg.backbone!r}, predictor={cfg.predictor}): {e}") from None
+    backbone = model.eval_backbone() if branch == "student" else model.teacher.backbone
+    return backbone, model.feat_dim, cfg
+
+
+def evaluate(
+    backbone: nn.Module,
+    feat_dim: int,
+    train_loader: Loader,
+    val_loader: Loader,
+    *,
+    knn_k: int = 200,
+    knn_t: float = 0.07,
+    probe: str = "fast",
+    probe_epochs: int = 100,
+    probe_lr: float = 0.3,
+    probe_batch: int = 256,
+    aug_train_loader: Loader | None = None,
+    tsne_path: str | os.PathLike | None = None,
+    class_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """kNN, linear probe and t-SNE of ``backbone`` on already-built loaders of ``(images, labels)``.
+
+    Args:
+        probe: "fast" (cached features), "full" (needs ``aug_train_loader``) or "none".
+        aug_train_loader: training images with random-resized-crop + flip, for ``probe="full"``.
+        tsne_path: PNG to write, or None for no picture.
+
+    Returns:
+        JSON-ready dict: ``knn_top1``, ``linear_top1``, ``linear_top5`` (absent when skipped), sizes, timings.
+    """
+    if probe not in ("fast", "full", "none"):
+        raise ValueError(f"probe must be 'fast', 'full' or 'none', got {probe!r}")
+    if probe == "full" and aug_train_loader is None:
+        raise ValueError("probe='full' needs aug_train_loader (training images with random crops and flips)")
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    train_raw, train_y = extract_features(backbone, train_loader, normalize=False)
+    val_raw, val_y = extract_features(backbone, val_loader, normalize=False)
+    out["features_s"] = time.perf_counter() - t0
+    out["num_train"], out["num_val"] = len(train_y), len(val_y)
+    num_classes = int(max(int(train_y.max()), int(val_y.max()))) + 1
+    train_f = torch.nn.functional.normalize(train_raw, dim=1)
+    val_f = torch.nn.functional.normalize(val_raw, dim=1)
+    out["knn_top1"] = knn_accuracy(train_f, train_y, val_f, val_y, k=knn_k, t=knn_t, num_classes=num_classes)
+    log.info("kNN (k=%d, t=%g) top-1: %.2f%%", knn_k, knn_t, out["knn_top1"])
+    if probe != "none":
+        t0 = time.perf_counter()
+        if probe == "fast":
+            acc = linear_probe(train_raw, train_y, val_raw, val_y, num_classes=num_classes, epochs=probe_epochs,
+                               lr=probe_lr, batch_size=probe_batch)
+        else:
+            acc = linear_probe_augmented(backbone, aug_train_loader, val_loader, num_classes=num_classes,
+                                         feat_dim=feat_dim, epochs=probe_epochs, lr=probe_lr,
+                                         batch_size=probe_batch)
+        out["linear_top1"], out["linear_top5"] = acc["top1"], acc["top5"]
+        out["linear_s"] = time.perf_counter() - t0
+        log.info("linear probe (%s, %d epochs) top-1 %.2f%%, top-5 %.2f%%", probe, probe_epochs, acc["top1"],
+                 acc["top5"])
+    if tsne_path is not None:
+        out["tsne"] = str(tsne_plot(val_f, val_y, tsne_path, class_names=class_names))
+    return out
+
+
+def _write_json(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader] | None = None) -> dict[str, Any]:
+    """Command line entry; ``build_eval_loader`` defaults to ``pipelines.torchvision.build_eval_loader``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="trainer checkpoint (runs/NAME/last.pt)")
+    p.add_argument("--data", default=None, help="dataset directory with train/ and val/ (default: the run's)")
+    p.add_argument("--train-split", default=None, help="labelled training split (default: train)")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--branch", default="student", choices=("student", "teacher"))
+    p.add_argument("--probe", default="fast", choices=("fast", "full", "none"))
+    p.add_argument("--probe-epochs", type=int, default=100)
+    p.add_argument("--probe-lr", type=float, default=0.3, help="per 256 images")
+    p.add_argument("--probe-batch", type=int, default=256)
+    p.add_argument("--knn-k", type=int, default=None, help="default: the run's knn_k")
+    p.add_argument("--knn-t", type=float, default=None, help="default: the run's knn_t")
+    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-tsne", action="store_true")
+    p.add_argument("--out-dir", default=None, help="where eval.json and tsne.png go (default: next to --ckpt)")
+    args = p.parse_args(argv)
+    for key in ("probe_epochs", "probe_batch", "batch_size"):
+        if getattr(args, key) <= 0:
+            p.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+
+    backbone, feat_dim, cfg = load_model(args.ckpt, args.branch)
+    data = Path(args.data or cfg.data)
+    train_split = args.train_split or ("train" if cfg.train_split == "unlabeled" else cfg.train_split)
+    for split in (train_split, args.val_split):
+        if not (data / split).is_dir():
+            raise FileNotFoundError(f"{data / split} is not a directory: kNN and the linear probe need labelled "
+                                    f"{train_split}/ and {args.val_split}/ ImageFolder trees (--data, --*-split)")
+    if build_eval_loader is None:
+        from pipelines.torchvision import build_eval_loader
+    device = torch.device(args.device)
+    backbone.to(device)
+    spec = get_recipe(cfg.recipe)
+    kw = dict(size=spec.weak.size, mean=spec.mean, std=spec.std, batch_size=args.batch_size,
+              num_workers=args.num_workers, device=device)
+    train_loader = build_eval_loader(str(data), train_split, **kw)
+    val_loader = build_eval_loader(str(data), args.val_split, **kw)
+    aug = build_eval_loader(str(data), train_split, train_aug=True, **kw) if args.probe == "full" else None
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.ckpt).resolve().parent
+    class_names = sorted(d.name for d in (data / args.val_split).iterdir() if d.is_dir())
+    result = evaluate(
+        backbone, feat_dim, train_loader, val_loader,
+        knn_k=args.knn_k or cfg.knn_k, knn_t=args.knn_t or cfg.knn_t, probe=args.probe,
+        probe_epochs=args.probe_epochs, probe_lr=args.probe_lr, probe_batch=args.probe_batch,
+        aug_train_loader=aug, tsne_path=None if args.no_tsne else out_dir / "tsne.png", class_names=class_names,
+    )
+    result.update(ckpt=str(args.ckpt), branch=args.branch, backbone=cfg.backbone, data=str(data), probe=args.probe,
+                  probe_epochs=args.probe_epochs)
+    _write_json(result, out_dir / "eval.json")
+    log.info("wrote %s", out_dir / "eval.json")
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

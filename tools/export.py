@@ -1,0 +1,105 @@
+"""Export a trained backbone as a plain torchvision state_dict, for fine-tuning elsewhere.
+
+    python tools/export.py --ckpt runs/imagenet/last.pt --out resnet50_ressl.pth [--branch student|teacher]
+
+The file holds only tensors (``torch.load(path, weights_only=True)`` reads it) and loads into the
+matching torchvision model with ``strict=False``, the only missing keys being the classifier's::
+
+    model = torchvision.models.resnet50()
+    missing, unexpected = model.load_state_dict(torch.load("resnet50_ressl.pth"), strict=False)
+    # missing == ["fc.weight", "fc.bias"], unexpected == []
+
+``*_cifar`` backbones use a 3x3 stride-1 stem and no max-pool: build the torchvision ResNet, set
+``conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)`` and ``maxpool = nn.Identity()``, then load.
+The export is checked this way before it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ressl.eval import load_checkpoint  # noqa: E402
+from ressl.method import BACKBONE_PREFIX  # noqa: E402
+from ressl.models import CLASSIFIER_ATTRS, build_model  # noqa: E402
+
+log = logging.getLogger("export")
+
+__all__ = ["backbone_state_dict", "check_loads", "export_backbone", "main"]
+
+
+def backbone_state_dict(model_state: dict[str, torch.Tensor], branch: str = "student") -> dict[str, torch.Tensor]:
+    """Backbone tensors of a ReSSL state_dict with the ``student.backbone.`` (or teacher) prefix removed."""
+    if branch not in BACKBONE_PREFIX:
+        raise ValueError(f"branch must be one of {sorted(BACKBONE_PREFIX)}, got {branch!r}")
+    prefix = BACKBONE_PREFIX[branch]
+    out = {k[len(prefix):]: v.detach().clone().contiguous() for k, v in model_state.items() if k.startswith(prefix)}
+    if not out:
+        raise KeyError(f"no keys start with {prefix!r}: not a ReSSL state_dict?")
+    return out
+
+
+def check_loads(state: dict[str, torch.Tensor], backbone: str) -> list[str]:
+    """Load ``state`` into the torchvision model of ``backbone``; return the (classifier) missing keys.
+
+    Raises ValueError if any key is unexpected, mismatched in shape, or missing outside the classifier.
+    """
+    model = build_model(backbone)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"exported backbone does not fit torchvision model {backbone!r}: {e}") from None
+    not_head = [k for k in missing if k.split(".", 1)[0] not in CLASSIFIER_ATTRS]
+    if unexpected or not_head:
+        raise ValueError(f"exported backbone does not fit {backbone!r}: unexpected keys {unexpected}, "
+                         f"missing non-classifier keys {not_head}")
+    return list(missing)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_backbone(ckpt: str | os.PathLike, out: str | os.PathLike, branch: str = "student") -> list[str]:
+    """Write the checkpoint's backbone to ``out``; return the classifier keys a loader will find missing."""
+    model_state, cfg = load_checkpoint(ckpt)
+    state = backbone_state_dict(model_state, branch)
+    missing = check_loads(state, cfg.backbone)
+    _save_atomic(state, Path(out))
+    log.info("wrote %s backbone %r (%d tensors) to %s; classifier keys left to the user: %s",
+             branch, cfg.backbone, len(state), out, missing)
+    return missing
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="trainer checkpoint (runs/NAME/last.pt)")
+    parser.add_argument("--out", required=True, help="output .pth with the torchvision backbone state_dict")
+    parser.add_argument("--branch", default="student", choices=sorted(BACKBONE_PREFIX),
+                        help="student (what the paper evaluates) or the EMA teacher")
+    args = parser.parse_args(argv)
+    return export_backbone(args.ckpt, args.out, args.branch)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

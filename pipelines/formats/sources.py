@@ -277,7 +277,7 @@ def _unpickle(f: Any) -> dict[bytes, Any]:
     import pickle
 
     # The official CIFAR archives are Python pickles; only open archives you trust.
-    return pickle.load(f, encoding="bytes")
+    return pickle.loads(f.read(), encoding="bytes")
 
 
 def _cifar_rows(arch: _Archive, members: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,227 @@
+"""The benchmark's own dataset: deterministic ImageNet-size JPEGs, generated once and cached.
+
+Every benchmark run that names no ``--data`` reads the very same bytes, so figures from different
+machines and commits compare loaders and not datasets. The images are multi-octave smooth random
+fields plus per-pixel noise, JPEG-encoded by Pillow at quality 90: about 75 KB each at ~500x375,
+close enough to ImageNet photos (~110 KB) that decode cost is realistic, and not trivially
+compressible (a flat image would decode several times faster than a photo).
+
+Layout under ``root`` (``data/bench/n{N}-s{seed}`` by default)::
+
+    train/c000/000000.jpg ...   ImageFolder tree (torchvision, DALI file reader)
+    train.beton                 FFCV (written on demand, needs ffcv)
+    train.rec, train.idx        RecordIO (written on demand, DALI's mxnet reader)
+    manifest.json               parameters + SHA-256 of every JPEG, written last: its presence marks
+                                the tree complete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines.formats.atomic import atomic_write_json, remove_stale_temps, replace_dir
+
+__all__ = [
+    "DEFAULT_ROOT",
+    "GENERATOR_VERSION",
+    "FORMATS",
+    "bench_root",
+    "make_jpeg",
+    "ensure_images",
+    "ensure_format",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path("data/bench")
+# Bump when make_jpeg changes, so a cache built by older code is never mistaken for the current one.
+GENERATOR_VERSION = 1
+NUM_CLASSES = 10
+QUALITY = 90
+FORMATS = ("folder", "beton", "rec")
+_OCTAVES = (2, 4, 8, 16, 32, 64)  # cells across the image width, coarse to fine
+
+
+def bench_root(num_images: int, seed: int, base: str | os.PathLike = DEFAULT_ROOT) -> Path:
+    """Cache directory of one (count, seed) set; different sets never share a directory."""
+    return Path(base) / f"n{num_images}-s{seed}"
+
+
+def _resize(a: np.ndarray, w: int, h: int, resample: Image.Resampling) -> np.ndarray:
+    """Resize a float32 HxWxC array channel by channel with Pillow (mode "F" keeps full precision)."""
+    return np.stack([np.asarray(Image.fromarray(a[..., c]).resize((w, h), resample)) for c in range(a.shape[-1])],
+                    axis=-1)
+
+
+def make_jpeg(index: int, seed: int = 0) -> bytes:
+    """The JPEG bytes of image ``index``: a pure function of (index, seed, GENERATOR_VERSION).
+
+    Sizes vary around 500x375 (width 400-600, aspect 0.6-0.9, one in five portrait). The colour field
+    is summed over octaves at quarter resolution (cheap), upsampled, then given full-resolution noise
+    (sigma 12 grey levels) so the JPEG carries high-frequency detail as photos do.
+    """
+    rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
+    w = int(rng.integers(400, 601))
+    h = int(round(w * rng.uniform(0.6, 0.9)))
+    if rng.random() < 0.2:
+        w, h = h, w
+    sw, sh = (w + 3) // 4, (h + 3) // 4
+    field = np.zeros((sh, sw, 3), np.float32)
+    for octave, cells in enumerate(_OCTAVES):
+        grid = rng.standard_normal((max(2, cells * h // w), cells, 3), dtype=np.float32)
+        field += _resize(grid, sw, sh, Image.Resampling.BICUBIC) * (64.0 / (octave + 1.5))
+    img = _resize(field, w, h, Image.Resampling.BILINEAR)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 12.0
+    pixels = np.clip(img + 128.0, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="JPEG", quality=QUALITY)
+    return buf.getvalue()
+
+
+def _write_one(args: tuple[Path, int, int]) -> tuple[int, str, int]:
+    """Worker: write one JPEG into the staging tree (fsynced; the tree is renamed into place later)."""
+    staging, index, seed = args
+    data = make_jpeg(index, seed)
+    with open(staging / f"c{index % NUM_CLASSES:03d}" / f"{index:06d}.jpg", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return index, hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((root / "manifest.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s (%s); the bench images will be regenerated", root / "manifest.json", e)
+        return None
+
+
+def _wanted(num_images: int, seed: int) -> dict[str, Any]:
+    return {"generator_version": GENERATOR_VERSION, "num_images": num_images, "seed": seed, "quality": QUALITY,
+            "num_classes": NUM_CLASSES}
+
+
+def ensure_images(num_images: int = 2048, seed: int = 0, base: str | os.PathLike = DEFAULT_ROOT,
+                  workers: int | None = None) -> Path:
+    """Generate the ImageFolder tree once; later calls return the cached root at once.
+
+    The tree is written into a staging directory and renamed into place, then ``manifest.json`` is
+    written; a run killed half-way leaves no tree that looks complete.
+
+    Args:
+        num_images: how many JPEGs (split evenly over 10 classes).
+        seed: generator seed; (num_images, seed) names the cache directory.
+        base: parent of the cache directories.
+        workers: processes for generation (default: all cores).
+
+    Returns:
+        The dataset root, usable as ``Config.data`` (``train/`` inside).
+    """
+    if num_images < NUM_CLASSES:
+        raise ValueError(f"num_images must be >= {NUM_CLASSES} (one per class), got {num_images}")
+    root = bench_root(num_images, seed, base)
+    want = _wanted(num_images, seed)
+    manifest = _read_manifest(root)
+    if manifest is not None and all(manifest.get(k) == v for k, v in want.items()) and (root / "train").is_dir():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
+    (root / "manifest.json").unlink(missing_ok=True)
+    for stale in ("train.beton", "train.rec", "train.idx"):
+        (root / stale).unlink(missing_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".train.", suffix=f".tmp-{os.getpid()}"))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the tree is shared data like any dataset
+        for c in range(NUM_CLASSES):
+            (staging / f"c{c:03d}").mkdir()
+        jobs = [(staging, i, seed) for i in range(num_images)]
+        workers = max(1, min(workers or os.cpu_count() or 1, num_images))
+        log.info("generating %d bench JPEGs into %s with %d process(es)", num_images, root, workers)
+        if workers == 1:
+            done = [_write_one(j) for j in jobs]
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                done = list(pool.map(_write_one, jobs, chunksize=32))
+        replace_dir(staging, root / "train")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    digest = hashlib.sha256("".join(h for _, h, _ in sorted(done)).encode()).hexdigest()
+    atomic_write_json(root / "manifest.json", {**want, "sha256": digest, "bytes": sum(n for _, _, n in done)})
+    return root
+
+
+def _files(root: Path) -> list[tuple[Path, int]]:
+    """(path, label) of every JPEG in ImageFolder order: classes sorted, files sorted within a class."""
+    classes = sorted(d for d in (root / "train").iterdir() if d.is_dir())
+    return [(f, label) for label, d in enumerate(classes) for f in sorted(d.glob("*.jpg"))]
+
+
+class _DecodedFiles:
+    """Samples for FFCV's writer: ``[i] -> (uint8 [H,W,3], label)``, decoded on demand in its workers."""
+
+    def __init__(self, files: list[tuple[Path, int]]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        path, label = self.files[i]
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB")), label
+
+
+def ensure_format(root: str | os.PathLike, fmt: str, workers: int = 1) -> Path:
+    """Write the bench set's ``train.beton`` (FFCV) or ``train.rec`` + ``.idx`` (RecordIO) once.
+
+    The .rec holds the very JPEG bytes of the tree; the .beton stores them re-encoded by FFCV's writer
+    (``jpg`` mode, same quality), as ``make dataset`` writes ImageNet-size data.
+
+    Args:
+        root: a root returned by :func:`ensure_images`.
+        fmt: ``"folder"`` (nothing to do), ``"beton"`` or ``"rec"``.
+        workers: writer processes for the .beton.
+
+    Returns:
+        The written (or already present) file.
+    """
+    root = Path(root)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown bench format {fmt!r}; expected one of {FORMATS}")
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"{str(root)!r} has no train/ tree; call ensure_images first")
+    if fmt == "folder":
+        return root / "train"
+    if fmt == "rec":
+        out = root / "train.rec"
+        if not (out.is_file() and (root / "train.idx").is_file()):
+            from pipelines.formats.recordio import write_recordio
+
+            files = _files(root)
+            log.info("writing %s (%d records)", out, len(files))
+            write_recordio(out, root / "train.idx", ((p.read_bytes(), label) for p, label in files))
+        return out
+    out = root / "train.beton"
+    if not out.is_file():
+        from pipelines.formats.beton import write_beton
+
+        files = _files(root)
+        log.info("writing %s (%d samples) with %d process(es)", out, len(files), workers)
+        write_beton(out, _DecodedFiles(files), mode="jpg", quality=QUALITY, num_workers=max(1, workers))
+    return out

@@ -140,7 +140,7 @@ def _crop(encoded, decoded, view: ViewSpec, gpu: bool):
 
 
 def _uniform(lo: float, hi: float):
-    return fn.random.uniform(range=[lo, hi]) if hi > lo else types.Constant(np.float32(lo))
+    return fn.random.uniform(range=[lo, hi]) if hi > lo else lo
 
 
 def _coin(p: float):
@@ -148,24 +148,33 @@ def _coin(p: float):
     return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
 
 
+def _mean_luma(img, gpu: bool):
+    """Per-sample mean grey level (an argument input, so it is brought to the CPU in GPU mode)."""
+    rgb = fn.reductions.mean(img, axes=[0, 1])
+    luma = rgb[0] * 0.299 + rgb[1] * 0.587 + rgb[2] * 0.114
+    return luma.cpu() if gpu else luma
+
+
 def _view(encoded, decoded, view: ViewSpec, spec: RecipeSpec, gpu: bool, dtype, layout: str):
     """Build one view from its ViewSpec (uint8 HWC image in, normalised ``layout`` tensor out)."""
     img = _crop(encoded, decoded, view, gpu)
     jit = view.jitter if view.jitter is not None and view.jitter.p > 0 else None
+    saturation, hue = 1.0, 0.0
+    if jit is not None:
+        on = _coin(jit.p)
+        # off -> factor 1 and hue 0; torchvision draws factors in [max(0, 1-s), 1+s] and the hue in turns.
+        brightness = 1.0 + on * (_uniform(max(0.0, 1 - jit.brightness), 1 + jit.brightness) - 1.0)
+        contrast = 1.0 + on * (_uniform(max(0.0, 1 - jit.contrast), 1 + jit.contrast) - 1.0)
+        saturation = 1.0 + on * (_uniform(max(0.0, 1 - jit.saturation), 1 + jit.saturation) - 1.0)
+        hue = on * _uniform(-360.0 * jit.hue, 360.0 * jit.hue)
+        # torchvision's contrast pivots on the image's mean grey, DALI's default on 128: pass the mean.
+        img = fn.brightness_contrast(img, brightness=brightness, contrast=contrast,
+                                     contrast_center=_mean_luma(img, gpu))
+    if view.gray_p > 0:
+        # Grey after jitter: zero saturation keeps only luma (0.299, 0.587, 0.114), torchvision's weights.
+        saturation = saturation * (1.0 - _coin(view.gray_p))
     if jit is not None or view.gray_p > 0:
-        brightness = contrast = saturation = 1.0
-        hue = 0.0
-        if jit is not None:
-            on = _coin(jit.p)
-            # off -> factor 1 and hue 0; torchvision draws factors in [max(0, 1-s), 1+s], hue in turns.
-            brightness = 1.0 + on * (_uniform(max(0.0, 1 - jit.brightness), 1 + jit.brightness) - 1.0)
-            contrast = 1.0 + on * (_uniform(max(0.0, 1 - jit.contrast), 1 + jit.contrast) - 1.0)
-            saturation = 1.0 + on * (_uniform(max(0.0, 1 - jit.saturation), 1 + jit.saturation) - 1.0)
-            hue = on * _uniform(-360.0 * jit.hue, 360.0 * jit.hue)
-        if view.gray_p > 0:
-            # Grey after jitter: zero saturation keeps only luma (0.299, 0.587, 0.114), torchvision's weights.
-            saturation = saturation * (1.0 - _coin(view.gray_p))
-        img = fn.color_twist(img, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+        img = fn.color_twist(img, saturation=saturation, hue=hue)
     if view.blur_p > 0:
         sigma = fn.random.uniform(range=list(view.blur_sigma))
         # DALI's own window for sigma alone is 2*ceil(3 sigma)+1 (the cheap one); never wider than the spec's.
@@ -288,7 +297,8 @@ class DaliLoader:
         for name in self.names:
             x = out[name].permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last strides for free
             views.append(x if self.channels_last else x.contiguous())
-        label = out["label"].reshape(len(views[0]), -1)[:, 0].to(torch.int64)
+        label = out["label"].reshape(len(views[0]), -1)[:, 0]
+        label = (label.round() if label.is_floating_point() else label).to(torch.int64)  # mxnet labels are float
         return Batch(weak=views[0], strong=views[1:], label=label.to(self.device, non_blocking=True))
 
     def __iter__(self) -> Iterator[Batch]:

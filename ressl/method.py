@@ -15,6 +15,7 @@ the seed-004 instance term (``w_sim``) and multi-crop (any number of strong view
 from __future__ import annotations
 
 import copy
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from .config import Config
 
 __all__ = ["Encoder", "ReSSL", "infonce_weight", "BACKBONE_PREFIX"]
+
+log = logging.getLogger(__name__)
 
 # State-dict prefixes of the two backbones inside ReSSL.state_dict() (tools/export.py reads them).
 BACKBONE_PREFIX = {"student": "student.backbone.", "teacher": "teacher.backbone."}
@@ -117,6 +120,7 @@ class ReSSL(nn.Module):
         self.tau_s, self.tau_t, self.infonce_tau = tau_s, tau_t, infonce_tau
         self.w_rel, self.w_sim = w_rel, w_sim
         self._keys: Tensor | None = None
+        self._last_infonce_weight: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> ReSSL:
@@ -164,6 +168,7 @@ class ReSSL(nn.Module):
         for i, v in enumerate(strong):
             if v.shape[0] != weak.shape[0]:
                 raise ValueError(f"strong view {i} has batch {v.shape[0]}, the weak view {weak.shape[0]}")
+        self._log_switch(infonce_weight)
         with torch.no_grad():
             k = F.normalize(self.teacher(weak).float(), dim=1)
         self._keys = k
@@ -192,6 +197,16 @@ class ReSSL(nn.Module):
         loss = total / n if n > 1 else total
         metrics = {"loss": loss.detach(), **{name: v / n for name, v in logged.items()}}
         return loss, metrics
+
+    def _log_switch(self, weight: float) -> None:
+        """Log where the InfoNCE warm-up starts blending and where the relation loss takes over."""
+        last, self._last_infonce_weight = self._last_infonce_weight, weight
+        if last is None or last == weight:
+            return
+        if weight == 0.0:
+            log.info("InfoNCE warm-up over: relation loss only from here on")
+        elif last == 1.0:
+            log.info("InfoNCE warm-up: blending into the relation loss (InfoNCE weight %.3f)", weight)
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:

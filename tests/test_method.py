@@ -133,6 +133,16 @@ def test_infonce_warmup_schedule_and_switch():
     assert weights.index(0.0) == 30
 
 
+def test_switch_from_infonce_to_relation_is_logged(caplog):
+    model = _model()
+    weak, strong = _views()
+    with caplog.at_level("INFO", logger="ressl.method"):
+        for w in (1.0, 1.0, 0.5, 0.0, 0.0):
+            model(weak, strong, infonce_weight=w)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "ressl.method"]
+    assert len(msgs) == 2 and "blending" in msgs[0] and "relation loss only" in msgs[1]
+
+
 def test_infonce_weight_selects_and_blends_the_losses():
     model = _model()
     weak, strong = _views()

@@ -50,7 +50,8 @@ class AtomicFile:
         self.tmp = temp_name(self.path)
         self._f = open(self.tmp, "wb")
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview | Any) -> None:
+        """Append ``data`` (bytes or any buffer, e.g. a uint8 array, written without a copy)."""
         self._f.write(data)
 
     def commit(self) -> None:

@@ -480,8 +480,9 @@ def _convert_split(
         longest = int(sizes[good].max()) if good.size else 0
         mode = _beton_mode(opts, longest)
         params = {**common, **_beton_params(opts, mode)}
-        from .beton import write_beton
+        from .beton import beton_fields, write_beton
 
+        beton_fields(mode)  # imports FFCV (seconds of Numba set-up) outside the timed section
         t0 = time.perf_counter()
         write_beton(out / beton_key, _BetonSamples(split, good, opts.max_side), mode=mode, max_side=opts.max_side,
                     quality=opts.quality, compress_p=opts.compress_p, num_workers=opts.workers)

@@ -82,7 +82,7 @@ class RecordIOWriter:
         out = np.empty(int(offsets[-1] - offsets[0]), dtype=np.uint8)
         ids = np.arange(self.count, self.count + n, dtype=np.int64)
         kernels.pack_records(payload, payload_offsets, labels_f.view(np.uint32), ids, offsets, out)
-        self._rec.write(out.tobytes())
+        self._rec.write(out)
         self._idx.write("".join(f"{i}\t{o}\n" for i, o in zip(ids.tolist(), offsets[:-1].tolist())).encode())
         self._offset = int(offsets[-1])
         self.count += n

@@ -139,7 +139,6 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, mode = img.format or "unknown", img.mode
-            img.load()
             width, height = img.size
             reasons = []
             if fmt != "JPEG":
@@ -149,6 +148,13 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
                 reasons.append(f"{mode} colour mode")
             status = "converted" if reasons else "ok"
             target = _target_size(width, height, max_side)
+            if fmt == "JPEG":
+                # Every byte is still entropy-decoded (truncation and corruption are caught), but the
+                # IDCT runs only at the scale we need: 1/8 when the pixels are not used at all.
+                passthrough = not reasons and target == (width, height)
+                img.draft(mode, (max(1, width // 8), max(1, height // 8)) if passthrough or not want_payload
+                          else target)
+            img.load()
             if not want_payload:
                 return Inspection(status, "; ".join(reasons), width, height)
             rgb = img.convert("RGB") if mode != "RGB" else img

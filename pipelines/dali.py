@@ -68,6 +68,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORDIO_MAGIC = 0xCED7230A
+CHAIN_SAMPLES = 65536  # folder data: one pipeline serves consecutive epochs up to this many samples
 SHUFFLE_BUFFER = 4096  # records held by readers.mxnet's shuffle buffer (memory-mapped, so cheap)
 # Decode once and crop each view from it (False), or decode each view's crop window (True); measured, see README.
 DEFAULT_FUSED_CROP = False
@@ -262,6 +263,7 @@ class DaliLoader:
             if self.gpu else None
         self.sampler = ShardSampler(self.num_samples, batch_size, rank, world_size, seed) if files is not None else None
         self.epoch, self.start_batch = 0, 0
+        self._live: _LivePipeline | None = None
         self.names = [v.name for v in spec.views]
 
     def __len__(self) -> int:
@@ -274,15 +276,24 @@ class DaliLoader:
                              f"got epoch={epoch}, start_batch={start_batch}")
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _build(self):
-        """The pipeline of the current epoch; folder data: this shard's files from ``start_batch`` on."""
+    def _epochs_per_pipeline(self) -> int:
+        """Consecutive epochs one pipeline serves: a rebuild drains the prefetch queue (wasted batches), so
+        small folder datasets chain epochs up to ``CHAIN_SAMPLES``; RecordIO rotates its shard each epoch."""
+        if self.files is None:
+            return 1
+        return max(1, CHAIN_SAMPLES // (len(self) * self.batch_size))
+
+    def _build(self, epochs: int):
+        """The pipeline for ``epochs`` epochs from ``self.epoch`` (from its batch ``start_batch`` on)."""
         kwargs = dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       seed=self.seed + self.rank + self.epoch * self.world_size, prefetch_queue_depth=2,
                       exec_dynamic=True)
         common = dict(gpu=self.gpu, fused_crop=self.fused_crop, dtype=_DTYPES[self.dtype], layout="HWC")
         if self.files is not None:
-            self.sampler.set_epoch(self.epoch, self.start_batch)
-            order = [i for batch in self.sampler for i, _ in batch]
+            order = []
+            for e in range(self.epoch, self.epoch + epochs):
+                self.sampler.set_epoch(e, self.start_batch if e == self.epoch else 0)
+                order += [i for batch in self.sampler for i, _ in batch]
             files = [self.files.samples[i][0] for i in order]
             labels = [self.files.samples[i][1] for i in order]
             return ressl_pipeline(self.spec, files=files, labels=labels, **common, **kwargs)
@@ -301,24 +312,48 @@ class DaliLoader:
         label = (label.round() if label.is_floating_point() else label).to(torch.int64)  # mxnet labels are float
         return Batch(weak=views[0], strong=views[1:], label=label.to(self.device, non_blocking=True))
 
+    def _close(self) -> None:
+        """Shut the live pipeline down (drains its prefetch queue)."""
+        self._live = None
+
     def __iter__(self) -> Iterator[Batch]:
         todo = len(self) - self.start_batch
         if todo <= 0:
             return
-        replay = self.start_batch if self.recordio is not None else 0
-        pipe = self._build()
-        it = DALIGenericIterator([pipe], [*self.names, "label"], reader_name="reader",
-                                 last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        live = self._live
+        if live is None or live.busy or live.next_epoch != self.epoch or self.start_batch:
+            self._close()
+            epochs = self._epochs_per_pipeline()
+            pipe = self._build(epochs)
+            it = DALIGenericIterator([pipe], [*self.names, "label"], reader_name="reader",
+                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            live = self._live = _LivePipeline(pipe, it, self.epoch, epochs)
+            if self.recordio is not None and self.start_batch:
+                log.info("RecordIO resume: replaying %d batches of epoch %d", self.start_batch, self.epoch)
+                for _ in range(self.start_batch):
+                    next(it)
+        live.busy = True
+        done = 0
         try:
-            if replay:
-                log.info("RecordIO resume: replaying %d batches of epoch %d", replay, self.epoch)
-            for i, out in enumerate(it):
-                if i >= replay + todo:
-                    break
-                if i >= replay:
-                    yield self._to_batch(out[0])
+            for _ in range(todo):
+                out = next(live.it)
+                yield self._to_batch(out[0])
+                done += 1
         finally:
-            del it, pipe
+            live.busy = False
+            if self._live is live:  # an abandoned older generator must not touch a newer pipeline
+                if done == todo and live.epochs_left > 1:
+                    live.next_epoch, live.epochs_left = live.next_epoch + 1, live.epochs_left - 1
+                else:
+                    self._close()
+
+
+class _LivePipeline:
+    """A built pipeline and its iterator, positioned at the start of epoch ``next_epoch``."""
+
+    def __init__(self, pipe, it, next_epoch: int, epochs_left: int):
+        self.pipe, self.it, self.next_epoch, self.epochs_left = pipe, it, next_epoch, epochs_left
+        self.busy = False
 
 
 def build_dali_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str, device: torch.device, rank: int,

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and batches")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="torch intra-op threads of the training process "
+                                               "(default: torch's own choice)")
     p.add_argument("--json", help="write the report here (atomically)")
     p.add_argument("--profile", metavar="DIR", help="also write a torch profiler trace per measured row into DIR")
     p.add_argument("--sweep", action="store_true", help="also measure loader-only and model-only rows over "
@@ -153,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_list(option: str, text: str) -> list[int]:
+def _int_list(option: str, text: str, minimum: int) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise BenchError(f"{option} expects a comma list of integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise BenchError(f"{option} expects positive integers, got {text!r}")
-    return values
+    if not values or min(values) < minimum:
+        raise BenchError(f"{option} expects integers >= {minimum}, got {text!r}")
+    return sorted(set(values))
 
 
 def _cores() -> int:
@@ -198,6 +200,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("batch", "steps", "repeats", "size", "num_images"):
         if getattr(args, name) <= 0:
             raise BenchError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.threads is not None and args.threads <= 0:
+        raise BenchError(f"--threads must be > 0, got {args.threads}")
     for name in ("warmup", "workers"):
         if getattr(args, name) < 0:
             raise BenchError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -235,13 +239,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if not data.is_dir():
             raise BenchError(f"--data {args.data!r} is not a directory (expected {args.split}/, "
                              f"{args.split}.beton or {args.split}.rec + .idx inside)")
-    args.sweep_workers_list = (_int_list("--sweep-workers", args.sweep_workers) if args.sweep_workers
+    args.sweep_workers_list = (_int_list("--sweep-workers", args.sweep_workers, 0) if args.sweep_workers
                                else sorted({min(2**i, _cores()) for i in range(_cores().bit_length() + 1)}))
-    args.sweep_batch_list = (_int_list("--sweep-batch", args.sweep_batch) if args.sweep_batch
+    args.sweep_batch_list = (_int_list("--sweep-batch", args.sweep_batch, 1) if args.sweep_batch
                              else sorted({max(1, args.batch // 2), args.batch, 2 * args.batch}))
-    for option, path in (("--json", args.json), ("--profile", args.profile)):
-        if path is not None and Path(path).exists() and Path(path).is_dir() == (option == "--json"):
-            raise BenchError(f"{option} {path!r} exists and is a {'directory' if option == '--json' else 'file'}")
+    if args.json is not None and Path(args.json).is_dir():
+        raise BenchError(f"--json {args.json!r} is a directory; expected a file path for the report")
+    if args.profile is not None and Path(args.profile).exists() and not Path(args.profile).is_dir():
+        raise BenchError(f"--profile {args.profile!r} is a file; expected a directory for the traces")
     return args
 
 
@@ -424,23 +429,28 @@ def _profile(step: Callable[[], int], *, steps: int, device: torch.device, path:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with torch.profiler.profile(activities=activities, record_shapes=True,
-                                schedule=torch.profiler.schedule(wait=0, warmup=1, active=steps)) as prof:
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+
+    def save(prof: torch.profiler.profile) -> None:  # called once the active steps are recorded
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            prof.export_chrome_trace(str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        table = prof.key_averages().table(sort_by=sort, row_limit=40)
+        atomic_write_bytes(path.with_name(path.name + ".txt"), table.encode())
+
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=save) as prof:
         for _ in range(steps + 1):
             step()
+            _sync(device)  # the last active step's kernels belong inside the trace
             prof.step()
-        _sync(device)
-    try:
-        prof.export_chrome_trace(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40)
-    atomic_write_bytes(path.with_name(path.name + ".txt"), table.encode())
+    if not path.is_file():
+        raise RuntimeError(f"the profiler recorded no trace for {path.name}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -707,6 +717,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every requested row and return the report (see the module docstring for its shape)."""
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
     report: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,266 @@
+"""tools/bench.py: the JSON contract, error rows for missing or failing backends, argument checks and
+the cached bench data set. Tiny CPU runs: RN18-CIFAR at 16 px, batch 4, a few steps."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import _benchdata  # noqa: E402
+import bench  # noqa: E402
+
+import pipelines  # noqa: E402
+
+TINY = ["--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "1",
+        "--repeats", "2", "--workers", "0", "--num-images", "20", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: tiny convolutions gain nothing from two, and on a shared 2-core machine
+    OpenMP threads waiting for each other cost seconds. Restored for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One generated bench set (20 JPEGs) shared by the module's runs."""
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+@pytest.fixture(scope="module")
+def report(cache, tmp_path_factory) -> dict:
+    """A full tiny run (loader, model, end to end) on the torchvision backend, read back from its JSON."""
+    out = tmp_path_factory.mktemp("bench_out") / "sub" / "report.json"
+    returned = bench.main([*TINY, "--backend", "torchvision", "--bench-dir", str(cache), "--json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["results"] == json.loads(json.dumps(returned["results"]))
+    return written
+
+
+def _row(report: dict, backend: str, mode: str) -> dict:
+    rows = [r for r in report["results"] if r["backend"] == backend and r["mode"] == mode and not r.get("sweep")]
+    assert len(rows) == 1, f"expected one {backend}/{mode} row, got {rows}"
+    return rows[0]
+
+
+def test_machine_versions_and_data(report):
+    m = report["machine"]
+    assert isinstance(m["cpu"], str) and m["cpu"]
+    assert m["cores"] >= 1 and 1 <= m["cores_available"] <= m["cores"]
+    assert m["gpu"] is None if not torch.cuda.is_available() else m["gpu"]["name"]
+    assert m["versions"]["torch"] == torch.__version__
+    assert m["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    commit = m["git"]["commit"]
+    assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
+    assert report["args"]["batch"] == 4 and report["args"]["size"] == 16
+    assert report["config"]["backbone"] == "resnet18_cifar" and report["config"]["queue_size"] % 4 == 0
+    d = report["data"]
+    assert d["generated"] and d["num_images"] == 20 and len(d["sha256"]) == 64 and d["bytes"] > 20 * 20_000
+    assert [v["size"] for v in report["recipe"]["views"]] == [16, 16]
+
+
+@pytest.mark.parametrize("backend, mode", [("synthetic", "model"), ("torchvision", "loader"),
+                                           ("torchvision", "end_to_end")])
+def test_rows_have_contract_fields_and_sane_values(report, backend, mode):
+    r = _row(report, backend, mode)
+    assert "error" not in r, r.get("error")
+    assert (r["model"], r["batch"], r["size"], r["device"], r["precision"]) == ("resnet18_cifar", 4, 16, "cpu", "no")
+    ips = r["images_per_s"]
+    assert math.isfinite(ips) and 0 < ips < 1e6
+    runs = r["images_per_s_runs"]
+    assert len(runs) == 2 and r["images_per_s_min"] <= ips <= r["images_per_s_max"]
+    assert r["images_per_s_min"] == min(runs) and r["images_per_s_max"] == max(runs)
+    assert r["images_per_s_std"] == pytest.approx(abs(runs[0] - runs[1]) / math.sqrt(2))
+    assert r["pairs_per_s"] == pytest.approx(ips)  # one strong view: one pair per sample
+    assert r["views_per_s"] == pytest.approx(2 * ips)
+    # step time and rate describe the same windows: batch / mean step time is the harmonic-mean rate
+    assert 4 / (r["step_ms"] / 1000) == pytest.approx(len(runs) / sum(1 / x for x in runs), rel=1e-6)
+    assert r["cpu_cores_busy"] > 0 and r["cpu_util"] == pytest.approx(r["cpu_cores_busy"] / bench._cores())
+    assert r["peak_rss_bytes"] > 50 * 2**20
+    assert (r["num_workers"] is None) == (backend == "synthetic")
+
+
+def test_end_to_end_efficiency_is_the_ratio_to_model_only(report):
+    e2e, model = _row(report, "torchvision", "end_to_end"), _row(report, "synthetic", "model")
+    assert e2e["loader_efficiency"] == pytest.approx(e2e["images_per_s"] / model["images_per_s"])
+    assert 0.05 < e2e["loader_efficiency"] < 5  # same model and batch; CPU noise allowed, not nonsense
+    assert 0 <= e2e["data_wait_frac"] < 1
+    assert "loader_efficiency" not in _row(report, "torchvision", "loader")
+
+
+@pytest.mark.parametrize("backends, modes", [("all", "loader"), ("dali,ffcv", "end_to_end")])
+def test_missing_backends_get_error_rows(cache, monkeypatch, capsys, backends, modes):
+    monkeypatch.setattr(pipelines, "available_backends", lambda: {"torchvision": True, "dali": False, "ffcv": False})
+    rep = bench.main([*TINY, "--backend", backends, "--modes", modes, "--bench-dir", str(cache)])
+    table = capsys.readouterr().out
+    for backend in ("dali", "ffcv"):
+        r = _row(rep, backend, modes)
+        assert "not installed" in r["error"] and backend in r["error"]
+        assert r["images_per_s"] is None
+        assert not set(bench.ROW_FIGURES[1:]) & set(r), "an error row must carry no figures"
+        assert (r["model"], r["batch"]) == ("resnet18_cifar", 4)
+        assert f"backend '{backend}' is not installed" in table
+    if backends == "all":  # the installed backend is still measured
+        assert _row(rep, "torchvision", "loader")["images_per_s"] > 0
+    else:  # end to end needs the model-only ceiling, which is measured all the same
+        assert _row(rep, "synthetic", "model")["images_per_s"] > 0
+
+
+def test_failing_backend_is_reported_and_the_run_goes_on(cache, monkeypatch):
+    real = pipelines.build_loader
+
+    def flaky(cfg, backend="auto", **kw):
+        if backend == "torchvision":
+            raise RuntimeError("decoder exploded on purpose")
+        return real(cfg, backend, **kw)
+
+    monkeypatch.setattr(pipelines, "build_loader", flaky)
+    rep = bench.main([*TINY, "--backend", "torchvision", "--modes", "loader,model", "--bench-dir", str(cache)])
+    assert _row(rep, "torchvision", "loader")["error"] == "RuntimeError: decoder exploded on purpose"
+    assert _row(rep, "synthetic", "model")["images_per_s"] > 0
+
+
+def test_unavailable_model_step_is_an_error_row(cache, monkeypatch):
+    def broken(self, cfg, device):
+        raise ImportError("no ressl.method here")
+
+    monkeypatch.setattr(bench.TrainStep, "__init__", broken)
+    rep = bench.main([*TINY, "--backend", "torchvision", "--bench-dir", str(cache)])
+    for backend, mode in (("synthetic", "model"), ("torchvision", "end_to_end")):
+        r = _row(rep, backend, mode)
+        assert r["images_per_s"] is None and "no ressl.method here" in r["error"]
+    assert _row(rep, "torchvision", "loader")["images_per_s"] > 0
+
+
+def test_sweep_rows_cover_workers_and_batches(cache, capsys):
+    rep = bench.main([*TINY, "--backend", "torchvision", "--modes", "loader", "--sweep", "--sweep-workers", "0",
+                      "--sweep-batch", "2,4", "--bench-dir", str(cache)])
+    sweep = [r for r in rep["results"] if r.get("sweep")]
+    assert sorted((r["mode"], r["batch"], r["num_workers"]) for r in sweep) == [("loader", 2, 0), ("loader", 4, 0)]
+    assert all(r["images_per_s"] > 0 for r in sweep)
+    assert "sweep (images/s):" in capsys.readouterr().out
+
+
+def test_profile_writes_a_chrome_trace(cache, tmp_path):
+    rep = bench.main([*TINY, "--modes", "model", "--backend", "torchvision", "--profile", str(tmp_path / "trace"),
+                      "--bench-dir", str(cache)])
+    trace = Path(_row(rep, "synthetic", "model")["trace"])
+    assert trace.parent == tmp_path / "trace"
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("conv" in e.get("name", "") for e in events)
+    assert "Self CPU" in trace.with_name(trace.name + ".txt").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch must be > 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--backend", "torchvision,mxnet"], "--backend expects a comma list"),
+    (["--modes", "loader,training"], "--modes expects"),
+    (["--model", "resnet_nope"], "unknown backbone 'resnet_nope'"),
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--data", "/definitely/not/here"], "--data '/definitely/not/here' is not a directory"),
+    (["--sweep-batch", "4,x"], "--sweep-batch expects a comma list of integers"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*TINY, "--bench-dir", str(tmp_path / "cache"), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists(), "nothing may be generated for a bad command line"
+
+
+def test_cuda_device_without_cuda_is_refused(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    with pytest.raises(SystemExit):
+        bench.main([*TINY, "--device", "cuda", "--bench-dir", str(tmp_path)])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_summarize():
+    assert bench.summarize([2.0]) == {"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0}
+    s = bench.summarize([1.0, 2.0, 3.0, 6.0])
+    assert (s["mean"], s["min"], s["max"]) == (3.0, 1.0, 6.0) and s["std"] == pytest.approx(math.sqrt(14 / 3))
+    with pytest.raises(ValueError):
+        bench.summarize([])
+
+
+def test_jpegs_are_deterministic_imagenet_sized_and_not_trivial():
+    a, b = _benchdata.make_jpeg(3, seed=0), _benchdata.make_jpeg(3, seed=0)
+    assert a == b
+    assert a != _benchdata.make_jpeg(4, seed=0) and a != _benchdata.make_jpeg(3, seed=1)
+    sizes = []
+    for i in range(6):
+        data = _benchdata.make_jpeg(i)
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.format == "JPEG" and img.mode == "RGB"
+            sizes.append(img.size)
+        assert len(data) > 30_000  # noise + texture: a flat field would be ~5 KB
+    assert all(240 <= min(s) and max(s) <= 600 for s in sizes)
+    assert len(set(sizes)) > 1
+
+
+def test_bench_set_is_cached_and_regenerated_when_stale(tmp_path):
+    root = _benchdata.ensure_images(12, seed=5, base=tmp_path, workers=1)
+    assert root == tmp_path / "n12-s5"
+    files = sorted((root / "train").rglob("*.jpg"))
+    assert len(files) == 12 and len({f.parent.name for f in files}) == 10
+    assert files[0].read_bytes() == _benchdata.make_jpeg(int(files[0].stem), seed=5)
+    manifest = json.loads((root / "manifest.json").read_text())
+    by_index = sorted(files, key=lambda f: int(f.stem))
+    digest = hashlib.sha256("".join(hashlib.sha256(f.read_bytes()).hexdigest() for f in by_index).encode())
+    assert manifest["sha256"] == digest.hexdigest()
+    stamp = files[0].stat().st_mtime_ns
+    assert _benchdata.ensure_images(12, seed=5, base=tmp_path, workers=1) == root
+    assert files[0].stat().st_mtime_ns == stamp, "a complete cached set must not be rewritten"
+    (root / "manifest.json").write_text(json.dumps({**manifest, "generator_version": -1}))
+    _benchdata.ensure_images(12, seed=5, base=tmp_path, workers=1)
+    assert json.loads((root / "manifest.json").read_text()) == manifest
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "no staging leftovers"
+
+
+def test_recordio_holds_the_same_jpeg_bytes(tmp_path):
+    from pipelines.formats.recordio import read_recordio
+
+    root = _benchdata.ensure_images(10, seed=1, base=tmp_path, workers=1)
+    rec = _benchdata.ensure_format(root, "rec")
+    records = list(read_recordio(rec, root / "train.idx"))
+    files = sorted((root / "train").rglob("*.jpg"))
+    assert [p for p, _ in records] == [f.read_bytes() for f in files]
+    assert [int(label) for _, label in records] == list(range(10))
+    with pytest.raises(ValueError, match="unknown bench format 'tfrecord'"):
+        _benchdata.ensure_format(root, "tfrecord")
+
+
+@pytest.mark.parametrize("backend", [b for b in ("dali", "ffcv") if pipelines.available_backends()[b]])
+def test_installed_fast_backends_measure(cache, backend):
+    rep = bench.main([*TINY, "--backend", backend, "--modes", "loader", "--workers", "1", "--bench-dir", str(cache)])
+    r = _row(rep, backend, "loader")
+    assert "error" not in r, r.get("error")
+    assert r["images_per_s"] > 0 and r["pairs_per_s"] == pytest.approx(r["images_per_s"])
+
+
+def test_cuda_rows_report_device_memory(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: peak device memory and synchronised timing are CUDA-only")
+    rep = bench.main([*TINY, "--device", "cuda", "--backend", "torchvision", "--precision", "bf16",
+                      "--channels-last", "--bench-dir", str(tmp_path)])
+    for mode in ("model", "end_to_end"):
+        r = next(r for r in rep["results"] if r["mode"] == mode)
+        assert r["peak_mem_bytes"] > 0 and r["images_per_s"] > 0

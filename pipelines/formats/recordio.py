@@ -62,6 +62,7 @@ class RecordIOWriter:
         self._rec = AtomicFile(self.rec_path)
         self._idx = AtomicFile(self.idx_path)
         self._offset = 0
+        self._buffer = np.empty(0, dtype=np.uint8)
         self.count = 0
 
     def write_many(self, payloads: list[bytes], labels: Iterable[float]) -> None:
@@ -79,7 +80,10 @@ class RecordIOWriter:
         np.cumsum(lengths, out=payload_offsets[1:])
         payload = np.frombuffer(b"".join(payloads), dtype=np.uint8)
         offsets = kernels.record_offsets(lengths, self._offset)
-        out = np.empty(int(offsets[-1] - offsets[0]), dtype=np.uint8)
+        size = int(offsets[-1] - offsets[0])
+        if self._buffer.shape[0] < size:  # grown, then reused: no fresh pages to fault in per chunk
+            self._buffer = np.empty(max(size, 2 * self._buffer.shape[0]), dtype=np.uint8)
+        out = self._buffer[:size]
         ids = np.arange(self.count, self.count + n, dtype=np.int64)
         kernels.pack_records(payload, payload_offsets, labels_f.view(np.uint32), ids, offsets, out)
         self._rec.write(out)

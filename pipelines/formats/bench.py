@@ -1,0 +1,191 @@
+"""Measure conversion speed and the Numba kernels against plain Python / NumPy (figures for the README).
+
+    python -m pipelines.formats.bench                      # both parts, 200 generated JPEGs
+    python -m pipelines.formats.bench --part kernels
+    python -m pipelines.formats.bench --part convert --images 200 --workers 1 2
+
+``convert`` writes ``--images`` photo-like JPEGs of about 500x375 (ImageNet's typical size) into a
+temporary ImageFolder tree and times each output format through :func:`~.convert.convert` (the same
+code ``make dataset`` runs), after one warm-up conversion so imports and Numba compilation are not
+counted. ``kernels`` times each kernel compiled, as its pure-Python body (the JIT switch off), and,
+where one exists, as the NumPy expression a person would write instead. Every figure is the median
+of ``--repeats`` runs; results are logged and written as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+
+__all__ = ["bench_convert", "bench_kernels", "make_jpeg_tree"]
+
+log = logging.getLogger("pipelines.formats.bench")
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_kernels(repeats: int = 5, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Items per second of each kernel: ``numba``, ``python`` (JIT off) and ``numpy``/``struct`` baselines."""
+    rng = np.random.default_rng(seed)
+    results: dict[str, dict[str, float]] = {}
+
+    def rate(n: int, fn: Callable[[], Any], reps: int = repeats) -> float:
+        fn()  # compile / warm caches
+        return n / _median_time(fn, reps)
+
+    for name, kernel, side, n, n_py, numpy_fn in (
+        ("planar_to_hwc (CIFAR 32 px)", kernels.planar_to_hwc, 32, 10000, 20,
+         lambda r: r.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)),
+        ("colmajor_to_hwc (STL-10 96 px)", kernels.colmajor_to_hwc, 96, 1000, 3,
+         lambda r: r.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)),
+    ):
+        rows = rng.integers(0, 256, (n, 3 * side * side), dtype=np.uint8)
+        out = np.empty((n, side, side, 3), dtype=np.uint8)
+        results[name] = {
+            "numba": rate(n, lambda k=kernel, r=rows, o=out, s=side: k.jit(r, s, s, o)),
+            "python": rate(n_py, lambda k=kernel, r=rows[:n_py], o=out[:n_py], s=side: k.py_func(r, s, s, o),
+                           max(1, repeats // 2)),
+            "numpy": rate(n, lambda f=numpy_fn, r=rows: np.ascontiguousarray(f(r))),
+        }
+
+    for name, lo, hi, n in (("record framing (ImageNet JPEG ~110 KB)", 60_000, 160_000, 256),
+                            ("record framing (CIFAR PNG ~2.5 KB)", 2_000, 3_000, 10_000)):
+        payloads = [rng.integers(0, 256, int(k), dtype=np.uint8).tobytes() for k in rng.integers(lo, hi, n)]
+        results[name] = _bench_framing(payloads, repeats)
+    w, h = rng.integers(100, 2000, 100_000), rng.integers(100, 2000, 100_000)
+    results["resize_plan"] = {
+        "numba": rate(w.size, lambda: kernels.resize_plan.jit(w, h, 256)),
+        "python": rate(5000, lambda: kernels.resize_plan.py_func(w[:5000], h[:5000], 256), max(1, repeats // 2)),
+    }
+    for name, r in results.items():
+        base = ", ".join(f"{k} {v:,.0f}/s ({r['numba'] / v:,.1f}x)" for k, v in r.items() if k != "numba")
+        log.info("%-42s numba %12s/s | %s", name, f"{r['numba']:,.0f}", base)
+    return results
+
+
+def _frame_with(payloads: list[bytes], pack: Callable[..., None], offsets_fn: Callable[..., np.ndarray]) -> np.ndarray:
+    """What RecordIOWriter does per chunk: join, offsets, one framed buffer."""
+    n = len(payloads)
+    lengths = np.array([len(p) for p in payloads], dtype=np.int64)
+    poffs = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=poffs[1:])
+    payload = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+    offsets = offsets_fn(lengths, 0)
+    out = np.empty(int(offsets[-1]), dtype=np.uint8)
+    pack(payload, poffs, np.zeros(n, dtype=np.uint32), np.arange(n, dtype=np.int64), offsets, out)
+    return out
+
+
+def _frame_with_struct(payloads: list[bytes]) -> bytes:
+    """The plain-Python way: struct-packed headers and padding joined with the payloads."""
+    parts = []
+    for i, p in enumerate(payloads):
+        size = len(p) + kernels.IR_HEADER_SIZE
+        parts += [struct.pack("<IIIfQQ", kernels.RECORD_MAGIC, size, 0, 0.0, i, 0), p, b"\0" * (-size % 4)]
+    return b"".join(parts)
+
+
+def _bench_framing(payloads: list[bytes], repeats: int) -> dict[str, float]:
+    n = len(payloads)
+    jit = (kernels.pack_records.jit, kernels.record_offsets.jit)
+    py = (kernels.pack_records.py_func, kernels.record_offsets.py_func)
+    if _frame_with(payloads, *jit).tobytes() != _frame_with_struct(payloads):
+        raise AssertionError("the Numba framing and the struct framing disagree")
+    return {
+        "numba": n / _median_time(lambda: _frame_with(payloads, *jit), repeats),
+        "python": n / _median_time(lambda: _frame_with(payloads, *py), max(1, repeats // 2)),
+        "struct": n / _median_time(lambda: _frame_with_struct(payloads), repeats),
+    }
+
+
+def make_jpeg_tree(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
+    """``n`` photo-like JPEGs (smooth colour waves + texture + noise, q90, 500x375 or 375x500) in class folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = (500, 375) if i % 3 else (375, 500)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = np.empty((h, w, 3), dtype=np.float32)
+        for c in range(3):
+            a, b, phase = rng.uniform(0.005, 0.05), rng.uniform(0.005, 0.05), rng.uniform(0, 6)
+            img[..., c] = 128 + 80 * np.sin(a * xx + phase) * np.cos(b * yy) + 30 * np.sin(0.3 * xx + 0.2 * yy + c)
+        img += rng.normal(0, 12, img.shape).astype(np.float32)
+        d = root / f"n{i % classes:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"img_{i:05d}.JPEG", quality=90)
+    return root
+
+
+def bench_convert(n: int = 200, workers: tuple[int, ...] = (1,), repeats: int = 3) -> dict[str, float]:
+    """Images per second of each output format on ``n`` generated ImageNet-size JPEGs."""
+    from .convert import ConvertOptions, convert
+    from .sources import build_source
+
+    cases = {
+        "rec (JPEG pass-through)": dict(formats=("rec",)),
+        "rec --max-side 256 (resize + re-encode)": dict(formats=("rec",), max_side=256),
+        "beton jpg (scan + FFCV re-encode)": dict(formats=("beton",)),
+        "beton jpg --max-side 256": dict(formats=("beton",), max_side=256),
+        "beton raw": dict(formats=("beton",), beton_mode="raw"),
+        "tree (copy of a flat split, hard links)": dict(formats=("folder",)),
+    }
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = make_jpeg_tree(Path(tmp) / "src", n)
+        source = build_source("folder", src)
+        source.folder_splits.clear()  # time a real tree copy, not a symlink
+        convert(source, Path(tmp) / "out", ConvertOptions(formats=("rec", "beton"), progress=False))  # warm-up
+        for nw in workers:
+            for name, kw in cases.items():
+                opts = ConvertOptions(workers=nw, force=True, progress=False, **kw)
+                dt = _median_time(lambda o=opts: convert(source, Path(tmp) / "out", o), repeats)
+                key = f"{name}, workers={nw}"
+                results[key] = n / dt
+                log.info("%-58s %7.1f img/s", key, n / dt)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["all", "kernels", "convert"], default="all")
+    p.add_argument("--images", type=int, default=200, help="generated JPEGs for the conversion part")
+    p.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to time")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the figures here as JSON")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("pipelines.formats.convert").setLevel(logging.WARNING)
+    report: dict[str, Any] = {"machine": platform.platform(), "processor": platform.processor(),
+                              "python": platform.python_version(), "args": vars(args)}
+    if args.part in ("all", "kernels"):
+        report["kernels"] = bench_kernels(args.repeats)
+    if args.part in ("all", "convert"):
+        report["convert_img_per_s"] = bench_convert(args.images, tuple(args.workers), args.repeats)
+    if args.json:
+        from .atomic import atomic_write_json
+
+        atomic_write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,10 +13,11 @@ def write_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: t
                        seed: int = 0, ext: str = "png") -> Path:
     """Smooth random colour fields (plus noise) per class; each class has its own mean colour."""
     rng = np.random.default_rng(seed)
+    palette = np.random.default_rng(1234).uniform(40, 215, size=(classes, 3))  # same class colours in every split
     for c in range(classes):
         d = root / f"class_{c:02d}"
         d.mkdir(parents=True, exist_ok=True)
-        base = rng.uniform(40, 215, size=3)
+        base = palette[c]
         for i in range(per_class):
             h, w = size
             yy, xx = np.mgrid[0:h, 0:w]

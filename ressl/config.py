@@ -115,8 +115,6 @@ class Config:
             from ressl.models import check_backbone_name
 
             check_backbone_name(self.backbone)
-        except (ImportError, AttributeError):
-            pass  # models.py not importable here: the builder will report it
         except KeyError as e:
             errs.append(str(e.args[0]))
         if errs:

@@ -377,3 +377,16 @@ def test_sigkill_mid_conversion_leaves_no_output_and_rerun_completes(tmp_path):
     assert sorted(p.name for p in (out / "folder").iterdir()) == ["manifest.json", "train.idx", "train.rec"]
     assert len(list(read_recordio(out / "folder" / "train.rec", out / "folder" / "train.idx"))) == 3000
     assert os.path.getsize(out / "folder" / "train.rec") > 3000 * len(data)
+
+
+def test_beton_is_skipped_with_a_warning_without_ffcv(tmp_path, monkeypatch, caplog):
+    import importlib.util as iu
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "ffcv" else real(name, *a))
+    _bad_tree(tmp_path / "src")
+    manifest = convert(build_source("folder", tmp_path / "src"), tmp_path / "out",
+                       ConvertOptions(formats=("beton", "rec"), **QUIET))
+    assert "FFCV is not installed" in caplog.text
+    assert set(manifest["outputs"]) == {"train.rec"}
+    assert not (tmp_path / "out" / "folder" / "train.beton").exists()

@@ -17,6 +17,7 @@ skips what is finished (same parameters, files present with the recorded sizes) 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import logging
 import multiprocessing as mp
@@ -25,7 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -409,6 +410,10 @@ def convert(source: Source, out_root: str | os.PathLike, opts: ConvertOptions | 
         ConvertError / SourceError: before any work when an option, split or source is unusable.
     """
     opts = opts or ConvertOptions()
+    if "beton" in opts.formats and importlib.util.find_spec("ffcv") is None:
+        log.warning("FFCV is not installed: skipping the .beton outputs (install the [ffcv] extra: "
+                    "pip install -e '.[ffcv]', which needs libturbojpeg0-dev libopencv-dev pkg-config)")
+        opts = replace(opts, formats=tuple(f for f in opts.formats if f != "beton") or ("folder",))
     out = Path(out_root) / source.name
     out.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temps(out):

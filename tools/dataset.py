@@ -28,10 +28,11 @@ log = logging.getLogger("dataset")
 
 EPILOG = """\
 outputs (OUT/NAME/):
-  SPLIT/<class>/*     ImageFolder tree. Always written for sources that do not come as one
-                      (demo, cifar10, cifar100, stl10, tiny-imagenet, and a flat ImageNet val/);
-                      for imagenet/imagenet100/folder it is a symlink to the source split, made
-                      only when 'folder' is in --formats.
+  SPLIT/<class>/*     ImageFolder tree. Always written for sources that do not come as one:
+                      demo, cifar10, cifar100, stl10, tiny-imagenet, a flat ImageNet val/ and a
+                      class subset (imagenet100, --classes; files hard-linked when possible).
+                      For imagenet and folder splits that already are ImageFolder trees it is a
+                      symlink to the source split, made only when 'folder' is in --formats.
   SPLIT.rec/.idx      MXNet RecordIO for DALI's readers.mxnet (source JPEGs passed through;
                       PNG for in-memory datasets; re-encoded when converted or over --max-side).
   SPLIT.beton         FFCV (raw pixels for <= 64 px data, JPEG above unless --beton-mode).

@@ -21,6 +21,7 @@ try:
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.formats import kernels
 from pipelines.formats.convert import FORMATS, ConvertError, ConvertOptions, convert
 from pipelines.formats.sources import SOURCES, SourceError, build_source
 
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="processes for encoding and writing (default 1)")
     p.add_argument("--force", action="store_true", help="rebuild outputs even if the manifest says finished")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-jit", action="store_true",
+                   help="run the Numba kernels as plain Python, for debugging (same as RESSL_NUMBA_JIT=0)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.no_jit:
+        kernels.set_jit_enabled(False)
     try:
         formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
         opts = ConvertOptions(formats=formats, max_side=args.max_side, quality=args.quality,

@@ -21,15 +21,17 @@ Known, accepted differences from torchvision (statistics, not pixels, are compar
 pivots on mid-grey (128) where torchvision pivots on the image's mean grey, and ColorJitter's four
 factors are applied in one fixed order instead of a random one.
 
-Epochs and sharding. The pipeline is rebuilt for every epoch with seed ``cfg.seed + rank + epoch *
-world_size``. Folder data is read by ``readers.file`` from an explicit file list in exactly the
-reference backend's order (:class:`pipelines.torchvision.ShardSampler`: a per-epoch permutation,
-shard ``rank::world_size``, whole batches only), so resuming at ``start_batch`` skips files without
-decoding them. RecordIO is read by ``readers.mxnet``, which only knows contiguous shards and a
-shuffle buffer: shard ``(rank + epoch) % world_size`` of the file, ``random_shuffle`` with a
-buffer of up to ``SHUFFLE_BUFFER`` records; resuming replays (decodes) the skipped batches, since the
-reader cannot seek. Last-batch policy for both: drop the partial batch, and every process yields
-``(N // world_size) // batch_size`` batches, so all processes step together with a full global batch.
+Epochs and sharding. A pipeline is built at ``set_epoch(e)`` with seed ``cfg.seed + rank + e *
+world_size`` and, for small datasets, serves the following epochs too (``CHAIN_SAMPLES``): rebuilding
+drains DALI's prefetch queue, which costs whole batches per epoch. Folder data is read by
+``readers.file`` from an explicit file list in exactly the reference backend's order
+(:class:`pipelines.torchvision.ShardSampler`: a per-epoch permutation, shard ``rank::world_size``,
+whole batches only), so resuming at ``start_batch`` skips files without decoding them. RecordIO is
+read by ``readers.mxnet``, which only knows contiguous shards and a shuffle buffer: shard ``(rank + e)
+% world_size`` of the file, ``random_shuffle`` with a buffer of up to ``SHUFFLE_BUFFER`` records;
+resuming replays (decodes) the skipped batches, since the reader cannot seek. Last-batch policy for
+both: drop the partial batch; every process yields ``(N // world_size) // batch_size`` batches, so all
+processes step together with a full global batch.
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ class DaliLoader:
         rank, world_size: this process's shard.
         seed: base seed (per-epoch file order, per-rank augmentation stream).
         num_threads: DALI CPU threads.
-        channels_last: deliver NCHW tensors with channels-last strides (free: DALI writes HWC).
+        channels_last: deliver NCHW tensors with channels-last strides (DALI writes HWC, no copy).
         dtype: torch.float32, or torch.float16 to feed AMP directly.
         fused_crop: decode only each view's crop window (one partial decode per view) instead of one
             full decode shared by all views.
@@ -278,9 +280,7 @@ class DaliLoader:
 
     def _epochs_per_pipeline(self) -> int:
         """Consecutive epochs one pipeline serves: a rebuild drains the prefetch queue (wasted batches), so
-        small folder datasets chain epochs up to ``CHAIN_SAMPLES``; RecordIO rotates its shard each epoch."""
-        if self.files is None:
-            return 1
+        small datasets chain epochs up to ``CHAIN_SAMPLES`` samples per process."""
         return max(1, CHAIN_SAMPLES // (len(self) * self.batch_size))
 
     def _build(self, epochs: int):
@@ -288,7 +288,9 @@ class DaliLoader:
         kwargs = dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       seed=self.seed + self.rank + self.epoch * self.world_size, prefetch_queue_depth=2,
                       exec_dynamic=True)
-        common = dict(gpu=self.gpu, fused_crop=self.fused_crop, dtype=_DTYPES[self.dtype], layout="HWC")
+        # channels_last: DALI writes HWC and torch sees NCHW with channels-last strides, no copy either way.
+        layout = "HWC" if self.channels_last else "CHW"
+        common = dict(gpu=self.gpu, fused_crop=self.fused_crop, dtype=_DTYPES[self.dtype], layout=layout)
         if self.files is not None:
             order = []
             for e in range(self.epoch, self.epoch + epochs):
@@ -306,8 +308,7 @@ class DaliLoader:
     def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
         views = []
         for name in self.names:
-            x = out[name].permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last strides for free
-            views.append(x if self.channels_last else x.contiguous())
+            views.append(out[name].permute(0, 3, 1, 2) if self.channels_last else out[name])
         label = out["label"].reshape(len(views[0]), -1)[:, 0]
         label = (label.round() if label.is_floating_point() else label).to(torch.int64)  # mxnet labels are float
         return Batch(weak=views[0], strong=views[1:], label=label.to(self.device, non_blocking=True))
@@ -325,8 +326,9 @@ class DaliLoader:
             self._close()
             epochs = self._epochs_per_pipeline()
             pipe = self._build(epochs)
-            it = DALIGenericIterator([pipe], [*self.names, "label"], reader_name="reader",
-                                     last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            # Endless iterator: this class counts batches, so the RecordIO stream may cross shard passes.
+            it = DALIGenericIterator([pipe], [*self.names, "label"], size=-1, auto_reset=False,
+                                     last_batch_policy=LastBatchPolicy.DROP)
             live = self._live = _LivePipeline(pipe, it, self.epoch, epochs)
             if self.recordio is not None and self.start_batch:
                 log.info("RecordIO resume: replaying %d batches of epoch %d", self.start_batch, self.epoch)

@@ -174,7 +174,8 @@ class FFCVLoader:
 
     def __init__(self, path: Path, spec: RecipeSpec, *, batch_size: int, num_threads: int, device: torch.device,
                  rank: int, world_size: int, seed: int, order: str, os_cache: bool, batches_ahead: int,
-                 drop_last: bool, channels_last: bool, out_dtype: torch.dtype, augment_in_pipeline: bool):
+                 drop_last: bool, channels_last: bool, out_dtype: torch.dtype, augment_in_pipeline: bool,
+                 augment_impl: str = "auto"):
         self.path = path
         self.spec = spec
         self.batch_size = batch_size
@@ -186,6 +187,7 @@ class FFCVLoader:
         self.channels_last = channels_last
         self.out_dtype = out_dtype
         self.augment_in_pipeline = augment_in_pipeline
+        self.augment_impl = augment_impl
         self._epoch = 0
         self._keys = {v.name: ("image" if v is spec.weak else f"view_{v.name}") for v in spec.views}
         pipelines: dict[str, object] = {}
@@ -237,7 +239,7 @@ class FFCVLoader:
             # Copy out of FFCV's reused buffer (and cast / re-layout in the same pass).
             return x.to(self.device, dtype=self.out_dtype, memory_format=fmt, copy=True)
         return augment_view(x, v, self.spec.mean, self.spec.std, self._generator, flip=False,
-                            out_dtype=self.out_dtype, channels_last=self.channels_last)
+                            out_dtype=self.out_dtype, channels_last=self.channels_last, impl=self.augment_impl)
 
     def __iter__(self) -> Iterator[Batch]:
         self._loader.next_epoch = self._epoch
@@ -273,6 +275,7 @@ def build_ffcv_loader(
     drop_last: bool | None = None,
     out_dtype: torch.dtype = torch.float32,
     augment_in_pipeline: bool | None = None,
+    augment_impl: str = "auto",
 ) -> FFCVLoader:
     """FFCV loader over ``<cfg.data>/<split>.beton`` for process ``rank`` of ``world_size``.
 
@@ -288,6 +291,7 @@ def build_ffcv_loader(
         out_dtype: float32, float16 or bfloat16 batches.
         augment_in_pipeline: run the colour ops in FFCV's Numba threads (:class:`ViewAugment`)
             instead of :func:`augment_view` on the device; default True only when ``device`` is the CPU.
+        augment_impl: ``impl`` of :func:`augment_view` when it runs ("auto", "torch", "numba").
     """
     path = Path(cfg.data) / f"{split}.beton"
     if not path.is_file():
@@ -314,10 +318,12 @@ def build_ffcv_loader(
         raise ValueError(f"FFCV backend: batches_ahead must be >= 1, got {batches_ahead}")
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"FFCV backend: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if augment_impl not in ("auto", "torch", "numba"):
+        raise ValueError(f"FFCV backend: augment_impl must be 'auto', 'torch' or 'numba', got {augment_impl!r}")
     if augment_in_pipeline is None:
         augment_in_pipeline = device.type == "cpu"
     num_threads = cfg.num_workers if cfg.num_workers > 0 else (os.cpu_count() or 1)
     return FFCVLoader(path, spec, batch_size=cfg.batch_size // world_size, num_threads=num_threads, device=device,
                       rank=rank, world_size=world_size, seed=cfg.seed, order=order, os_cache=os_cache,
                       batches_ahead=batches_ahead, drop_last=drop_last, channels_last=cfg.channels_last,
-                      out_dtype=out_dtype, augment_in_pipeline=augment_in_pipeline)
+                      out_dtype=out_dtype, augment_in_pipeline=augment_in_pipeline, augment_impl=augment_impl)

@@ -70,7 +70,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORDIO_MAGIC = 0xCED7230A
-CHAIN_SAMPLES = 65536  # folder data: one pipeline serves consecutive epochs up to this many samples
+CHAIN_SAMPLES = 65536  # one pipeline serves consecutive epochs up to this many samples per process
 SHUFFLE_BUFFER = 4096  # records held by readers.mxnet's shuffle buffer (memory-mapped, so cheap)
 # Decode once and crop each view from it (False), or decode each view's crop window (True); measured, see README.
 DEFAULT_FUSED_CROP = False

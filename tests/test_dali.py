@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 pytest.importorskip("nvidia.dali")
 
 from pipelines import Batch, build_loader  # noqa: E402
-from pipelines.dali import DaliLoader, RecordIOIndex, build_dali_loader  # noqa: E402
+from pipelines.dali import DaliLoader, RecordIOIndex, build_dali_loader, ressl_pipeline  # noqa: E402
 from pipelines.formats.recordio import write_recordio  # noqa: E402
 from pipelines.spec import ColorJitterSpec, RecipeSpec, TwoViewSpec, ViewSpec, get_recipe  # noqa: E402
 from pipelines.torchvision import build_torchvision_loader  # noqa: E402
@@ -308,10 +308,26 @@ def test_bad_input_is_named(tmp_path, noise_data):
         dali(tmp_path / "other" / "nothing", spec)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_graph_is_the_cpu_graph_on_another_device(fused):
+    """The GPU graph is defined (not built) here: every view lands on the GPU, labels stay on the CPU."""
+    spec = replace(get_recipe("imagenet224"), strong=(replace(get_recipe("imagenet224").strong[0], solarize_p=0.2),))
+    devices = {}
+    for gpu in (False, True):
+        pipe = ressl_pipeline(spec, files=["unused.jpg"], labels=[0], gpu=gpu, fused_crop=fused, batch_size=2,
+                              num_threads=1, device_id=0 if gpu else None, exec_dynamic=True)
+        outs = getattr(pipe, "_graph_out", None)
+        if outs is None:
+            pytest.skip("this DALI version does not expose a defined graph's outputs")
+        devices[gpu] = [o.device for o in outs]
+    assert devices[False] == ["cpu", "cpu", "cpu"]
+    assert devices[True] == ["gpu", "gpu", "cpu"]
+
+
 def test_gpu_pipeline_delivers_on_cuda(image_folder):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: the mixed-decoder / GPU-op pipeline only runs on a GPU")
-    spec = replace(get_recipe("imagenet224").with_size(32))
+    spec = get_recipe("imagenet224").with_size(32)
     loader = build_dali_loader(cfg(image_folder), spec, split="train", device=torch.device("cuda"), rank=0,
                                world_size=1)
     b = next(iter(loader))

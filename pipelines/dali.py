@@ -21,7 +21,7 @@ cost nothing. Colour ops run after the crop, on output-size pixels only.
 Known, accepted differences from torchvision (the parity test compares statistics, not pixels): the
 four jitter factors are applied in one fixed order instead of a random one, and hue rotates in YIQ
 space (DALI) instead of HSV (a few grey levels on saturated colours). The blur window is the 3-sigma
-one (at most the spec's), which drops < 0.3% of the kernel's mass and costs 5x less than 23 taps.
+one (at most the spec's): it drops < 0.3% of the kernel's mass per axis and costs 5x less than 23 taps.
 
 Epochs and sharding. A pipeline is built at ``set_epoch(e)`` with seed ``cfg.seed + rank + e *
 world_size`` and, for small datasets, serves the following epochs too (``CHAIN_SAMPLES``): rebuilding

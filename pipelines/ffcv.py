@@ -1,14 +1,16 @@
 """FFCV backend: ``<data>/<split>.beton`` -> :class:`~pipelines.Batch` on the training device.
 
 FFCV reads the stored JPEG (or raw pixels) once per view in its own Numba threads and decodes
-straight into a random-resized crop of the view's size. What follows depends on where batches go:
+straight into a random-resized crop of the view's size, flips it, and hands the uint8 batch over
+(``ToTensor -> ToDevice -> ToTorchImage``); :func:`pipelines.gpu_augment.augment_view` then does the
+colour ops, blur and normalisation for the whole batch on the device — batched tensor ops on an
+accelerator, its fused Numba kernel on the CPU, running beside FFCV's decoding threads. The pipeline
+is the same on every device.
 
-* on an accelerator: flip on the host, ``ToTensor -> ToDevice -> ToTorchImage`` and then
-  :func:`pipelines.gpu_augment.augment_view` runs the colour ops as batched tensor ops on the device;
-* on the CPU (``augment_in_pipeline``, the default there): :class:`ViewAugment`, a Numba FFCV
-  operation, does flip, colour jitter, grayscale, blur, solarize and normalisation for each sample in
-  one pass over its pixels inside FFCV's worker threads — measured several times faster on a 2-core
-  CPU than the same batched tensor ops (numbers in the module's benchmark note in the README).
+``augment_in_pipeline=True`` instead runs that kernel inside FFCV as :class:`ViewAugment`, an FFCV
+operation (flip + colour + blur + normalise per sample in FFCV's threads). Measured on a loaded
+2-core CPU it was a little slower than the default (see the benchmark in the README); it stays as an
+option for machines where FFCV's threads are the only ones worth having.
 
 FFCV 1.0.2 has no field mapper: each extra view is ``PipelineSpec("image", ...)`` under its own key,
 and batches come back as the stored fields first, then the extra pipelines; outputs are picked by
@@ -31,6 +33,7 @@ from .gpu_augment import augment_sample, augment_view
 from .spec import RecipeSpec, ViewSpec, blur_kernel_size
 
 try:
+    from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader as _FFCVLoader
@@ -40,6 +43,7 @@ try:
     from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.operation import Operation
     from ffcv.pipeline.state import State
+    from ffcv.reader import Reader
     from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv.traversal_order.quasi_random import QuasiRandom
@@ -218,8 +222,10 @@ class FFCVLoader:
         ops = [decoder]
         if v.flip_p > 0:
             ops.append(RandomHorizontalFlip(flip_prob=v.flip_p))
-        ops += [ToTensor(), ToDevice(self.device, non_blocking=True),
-                ToTorchImage(channels_last=True, convert_back_int16=False)]
+        ops.append(ToTensor())
+        if self.device.type != "cpu":  # on the CPU it would only copy the batch once more
+            ops.append(ToDevice(self.device, non_blocking=True))
+        ops.append(ToTorchImage(channels_last=True, convert_back_int16=False))
         return ops
 
     def __len__(self) -> int:
@@ -256,6 +262,20 @@ class FFCVLoader:
             epoch_iter.close()  # stops FFCV's producer thread if the consumer leaves early
 
 
+def _check_fields(path: Path) -> None:
+    """The .beton must hold ``image`` (RGBImageField) and ``label`` (IntField); reads only its header."""
+    try:
+        handlers = Reader(str(path)).handlers
+    except Exception as e:  # FFCV raises assorted errors on a truncated or foreign file
+        raise ValueError(f"FFCV backend: cannot read {str(path)!r} as a .beton: {e}") from e
+    want = {"image": RGBImageField, "label": IntField}
+    for name, cls in want.items():
+        if not isinstance(handlers.get(name), cls):
+            got = {k: type(v).__name__ for k, v in handlers.items()}
+            raise ValueError(f"FFCV backend: {str(path)!r} needs field {name!r} of type {cls.__name__}; "
+                             f"its fields are {got}")
+
+
 def _option(cfg: LoaderConfig, name: str, value):
     """A keyword argument wins; else the config's attribute of that name; else the default."""
     return value if value is not None else getattr(cfg, name, None)
@@ -274,7 +294,7 @@ def build_ffcv_loader(
     batches_ahead: int | None = None,
     drop_last: bool | None = None,
     out_dtype: torch.dtype = torch.float32,
-    augment_in_pipeline: bool | None = None,
+    augment_in_pipeline: bool = False,
     augment_impl: str = "auto",
 ) -> FFCVLoader:
     """FFCV loader over ``<cfg.data>/<split>.beton`` for process ``rank`` of ``world_size``.
@@ -289,8 +309,8 @@ def build_ffcv_loader(
         batches_ahead: batches FFCV prepares in advance (default 3).
         drop_last: drop the short last batch (default True).
         out_dtype: float32, float16 or bfloat16 batches.
-        augment_in_pipeline: run the colour ops in FFCV's Numba threads (:class:`ViewAugment`)
-            instead of :func:`augment_view` on the device; default True only when ``device`` is the CPU.
+        augment_in_pipeline: run the colour ops in FFCV's threads (:class:`ViewAugment`, CPU only)
+            instead of :func:`augment_view` after the loader (default False).
         augment_impl: ``impl`` of :func:`augment_view` when it runs ("auto", "torch", "numba").
     """
     path = Path(cfg.data) / f"{split}.beton"
@@ -320,9 +340,14 @@ def build_ffcv_loader(
         raise ValueError(f"FFCV backend: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if augment_impl not in ("auto", "torch", "numba"):
         raise ValueError(f"FFCV backend: augment_impl must be 'auto', 'torch' or 'numba', got {augment_impl!r}")
-    if augment_in_pipeline is None:
-        augment_in_pipeline = device.type == "cpu"
+    augment_in_pipeline = bool(augment_in_pipeline)
+    if augment_in_pipeline and device.type != "cpu":
+        raise ValueError(f"FFCV backend: augment_in_pipeline=True runs on the CPU, but device is {device}")
+    _check_fields(path)
     num_threads = cfg.num_workers if cfg.num_workers > 0 else (os.cpu_count() or 1)
+    log.info("FFCV loader %s: rank %d/%d, %d threads, order=%s, os_cache=%s, colour ops %s", path, rank,
+             world_size, num_threads, order, os_cache, "in FFCV (Numba)" if augment_in_pipeline else
+             f"after the loader on {device} ({augment_impl})")
     return FFCVLoader(path, spec, batch_size=cfg.batch_size // world_size, num_threads=num_threads, device=device,
                       rank=rank, world_size=world_size, seed=cfg.seed, order=order, os_cache=os_cache,
                       batches_ahead=batches_ahead, drop_last=drop_last, channels_last=cfg.channels_last,

@@ -3,8 +3,9 @@
 Each image is a left-to-right red ramp (so flips show) with a flat green level = its label (so the
 views and the label of a sample can be checked to come from the same stored image). The same images
 as an ImageFolder tree feed the torchvision reference for the parity test. Two loaders (rank 0 and 1
-of 2; colour ops in FFCV's Numba op on one, in gpu_augment's torch path on the other) serve all tests,
-because every FFCV loader pays a JIT compile.
+of 2; colour ops by gpu_augment after the loader on one, inside FFCV on the other) serve all tests,
+because every FFCV loader pays a JIT compile. (gpu_augment's torch path, the accelerator's, is held
+to the same kernel in test_gpu_augment.py.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import torch
 from PIL import Image
 
 pytest.importorskip("ffcv", reason="FFCV is not installed (the [ffcv] extra)")
+# FFCV recompiles its module-level Numba helpers for every decoder; when the duplicates are collected
+# Numba's dispatcher finaliser raises a harmless KeyError that pytest would report as a warning.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 from pipelines import Loader, build_loader  # noqa: E402
 from pipelines.spec import ColorJitterSpec, MultiCropSpec, ViewSpec  # noqa: E402
@@ -93,16 +97,16 @@ def _collect(loader: Loader, epochs: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(data) -> dict[int, dict[str, torch.Tensor]]:
-    """Rank 0 (Numba op inside FFCV) and rank 1 (gpu_augment torch path) of 2, EPOCHS epochs each."""
+    """Rank 0 (gpu_augment after the loader) and rank 1 (ViewAugment inside FFCV) of 2, EPOCHS epochs."""
     out = {}
     from pipelines.ffcv import build_ffcv_loader
 
     for rank in (0, 1):
-        if rank == 0:  # through the package's dispatch; on the CPU the colour ops run inside FFCV
+        if rank == 0:  # through the package's dispatch: gpu_augment after the loader (its CPU kernel here)
             loader = build_loader(_cfg(data), "ffcv", spec=SPEC, rank=rank, world_size=2)
-        else:  # the accelerator path (gpu_augment after ToDevice), run here on the CPU
+        else:  # the same kernel as an FFCV operation inside FFCV's threads
             loader = build_ffcv_loader(_cfg(data), SPEC, split="train", device=torch.device("cpu"), rank=rank,
-                                       world_size=2, augment_in_pipeline=False)
+                                       world_size=2, augment_in_pipeline=True)
         assert isinstance(loader, Loader) and loader.batch_size == 4 and len(loader) == 3
         out[rank] = _collect(loader, EPOCHS)
         out[rank]["loader"] = loader
@@ -157,18 +161,21 @@ def test_flip_and_grayscale_rates(runs):
 
 
 def test_parity_with_torchvision_reference(data, runs):
-    """Same images, same recipe: per-view shapes, dtype, per-channel mean / std within tolerance."""
+    """Same images, same recipe: per-view shapes, dtype, per-channel mean / std within tolerance.
+
+    The two ranks together see every image once per epoch, as the reference does, so the label mix
+    (which drives the green channel) is the same on both sides and only crops and colours differ.
+    """
     ref = build_loader(_cfg(data, num_workers=0, channels_last=False), "torchvision", spec=SPEC)
-    tv = _collect(ref, EPOCHS // 2)
-    for r in runs.values():
-        for v in SPEC.views:
-            a, b = r[v.name], tv[v.name]
-            assert a.shape[1:] == b.shape[1:] and a.dtype == b.dtype
-            ma, mb = a.mean(dim=(0, 2, 3)), b.mean(dim=(0, 2, 3))
-            sa, sb = a.std(dim=(0, 2, 3)), b.std(dim=(0, 2, 3))
-            assert (ma - mb).abs().max() < 0.15, (v.name, ma, mb)
-            assert ((sa - sb).abs() <= 0.2 * sb + 0.05).all(), (v.name, sa, sb)
-    assert abs(_gray_rate(tv["strong"]) - 0.3) < 0.15
+    tv = _collect(ref, EPOCHS)
+    for v in SPEC.views:
+        a, b = torch.cat([runs[0][v.name], runs[1][v.name]]), tv[v.name]
+        assert a.shape == b.shape and a.dtype == b.dtype
+        ma, mb = a.mean(dim=(0, 2, 3)), b.mean(dim=(0, 2, 3))
+        sa, sb = a.std(dim=(0, 2, 3)), b.std(dim=(0, 2, 3))
+        assert (ma - mb).abs().max() < 0.12, (v.name, ma, mb)
+        assert ((sa - sb).abs() <= 0.15 * sb + 0.03).all(), (v.name, sa, sb)
+    assert abs(_gray_rate(tv["strong"]) - 0.3) < 0.1
 
 
 def test_set_epoch_resumes_mid_epoch(runs):
@@ -193,8 +200,26 @@ def test_bad_options_fail_before_reading(data, tmp_path):
         build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=0, world_size=1, order="shuffled")
     with pytest.raises(ValueError, match="rank"):
         build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="augment_in_pipeline"):
+        build_ffcv_loader(_cfg(data), SPEC, split="train", device=torch.device("cuda"), rank=0, world_size=1,
+                          augment_in_pipeline=True)
     with pytest.raises(ValueError, match="batches_ahead"):
         build_ffcv_loader(_cfg(data, batches_ahead=0), SPEC, split="train", device=cpu, rank=0, world_size=1)
+    (tmp_path / "junk.beton").write_bytes(b"not a beton")
+    with pytest.raises(ValueError, match="junk.beton"):
+        build_ffcv_loader(_cfg(tmp_path), SPEC, split="junk", device=cpu, rank=0, world_size=1)
+
+
+def test_wrong_fields_are_named(tmp_path):
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from pipelines.ffcv import build_ffcv_loader
+
+    DatasetWriter(str(tmp_path / "train.beton"), {"picture": RGBImageField(), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(_Images())
+    with pytest.raises(ValueError, match="needs field 'image' of type RGBImageField.*picture"):
+        build_ffcv_loader(_cfg(tmp_path), SPEC, split="train", device=torch.device("cpu"), rank=0, world_size=1)
 
 
 def test_missing_ffcv_names_the_extra_and_debian_packages(monkeypatch):

@@ -6,8 +6,9 @@ SRC     ?=
 FORMATS ?= beton,rec
 CONFIG  ?= configs/demo.yaml
 ARGS    ?=
+EXPORT  ?= backbone.pth
 
-.PHONY: help setup test train dataset bench eval lint
+.PHONY: help setup test train dataset bench eval export lint
 
 help:
 	@echo "make setup            create .venv/ and install ressl with all extras (+ Debian packages FFCV needs, as root)"
@@ -16,6 +17,7 @@ help:
 	@echo "make dataset DATA=... write data/NAME/ (ImageFolder, .beton, .rec); SRC=path OUT=dir FORMATS=beton,rec"
 	@echo "make bench ARGS=...   images/s of loaders, model step and end to end (JSON)"
 	@echo "make eval CKPT=...    kNN + linear probe + t-SNE of a checkpoint"
+	@echo "make export CKPT=... EXPORT=backbone.pth   torchvision state_dict of the trained backbone"
 	@echo "make lint             ruff"
 
 setup:
@@ -52,6 +54,10 @@ bench:
 eval:
 	@echo "==> tools/eval.py $(CKPT)"
 	$(PY) tools/eval.py --ckpt $(CKPT) $(ARGS)
+
+export:
+	@echo "==> tools/export.py $(CKPT) -> $(EXPORT)"
+	$(PY) tools/export.py --ckpt $(CKPT) --out $(EXPORT) $(ARGS)
 
 lint:
 	@echo "==> ruff"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -34,3 +35,12 @@ def image_folder(tmp_path_factory) -> Path:
     write_image_folder(root / "train", per_class=8, seed=0)
     write_image_folder(root / "val", per_class=4, seed=1)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread per test: on 2 shared cores, oversubscribed threads made small steps ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

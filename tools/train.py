@@ -36,14 +36,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ressl.eval import extract_features, knn_accuracy  # noqa: E402
-from ressl.method import ReSSL, infonce_weight  # noqa: E402
-
 from pipelines import build_loader  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
 from pipelines.torchvision import build_eval_loader  # noqa: E402
 from ressl.config import Config, load_config  # noqa: E402
 from ressl.ema import momentum_at  # noqa: E402
+from ressl.eval import extract_features, knn_accuracy  # noqa: E402
+from ressl.method import ReSSL, infonce_weight  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -205,9 +204,13 @@ def main(cfg: Config) -> dict[str, Any]:
     # stepped by hand once per optimiser step (accelerate.prepare would step it once per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_epochs * steps_per_epoch,
                                                                        total_steps))
+    if cfg.compile:
+        # compile the encoders in place: parameter names (EMA pairing, checkpoints) stay the same, and the
+        # Python branches of ReSSL.forward on the InfoNCE weight never reach the compiler
+        model.student.compile()
+        model.teacher.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     core: ReSSL = accelerator.unwrap_model(model)
-    forward = torch.compile(model) if cfg.compile else model
 
     # --- resume -----------------------------------------------------------------------------------------
     ckpt_path = run_dir / "last.pt"
@@ -270,7 +273,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                    cfg.infonce_blend_epochs)
             m = momentum_at(step, total_steps, cfg.momentum, cfg.momentum_schedule)
             with accelerator.autocast():
-                loss, metrics = forward(batch.weak, batch.strong, infonce_weight=w_nce)
+                loss, metrics = model(batch.weak, batch.strong, infonce_weight=w_nce)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()

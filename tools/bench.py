@@ -234,6 +234,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         except KeyError as e:
             raise BenchError(f"--model: {e.args[0]}") from None
 
+    if args.data is None and args.split != "train":
+        raise BenchError(f"--split {args.split!r} needs --data: the generated bench set has only 'train'")
     if args.data is not None:
         data = Path(args.data)
         if not data.is_dir():
@@ -501,12 +503,34 @@ def _endless(loader: pipelines.Loader) -> Iterator[pipelines.Batch]:
     while True:
         loader.set_epoch(epoch)
         count = 0
-        for batch in loader:
-            count += 1
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                count += 1
+                yield batch
+        finally:  # leaving mid-epoch: let the backend stop its producer threads now, not at exit
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
         if count == 0:
             raise RuntimeError("the loader yielded no batch: the dataset is smaller than one batch")
         epoch += 1
+
+
+def _join_producers(before: set[threading.Thread], timeout: float = 10.0) -> None:
+    """Wait for producer threads a loader started (Thread subclasses with their own ``run``, such as
+    FFCV's EpochIterator) to stop after their iterator was closed.
+
+    One may still be inside a batch; left running, it would steal CPU from the next row's timing, and
+    a daemon thread still in Numba code when the interpreter exits aborts the process. Plain worker
+    threads of thread pools (``Thread(target=...)``) idle on a queue and are not waited for.
+    """
+    deadline = time.monotonic() + timeout
+    for t in set(threading.enumerate()) - before:
+        if type(t).run is not threading.Thread.run:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("loader thread %s still running %.0f s after its iterator was closed", t.name, timeout)
 
 
 def _check_batch(batch: pipelines.Batch, spec: RecipeSpec, batch_size: int, backend: str) -> None:
@@ -673,6 +697,7 @@ class _Bench:
             if isinstance(train, str):
                 return _error_row(base, train)
         runner = None
+        threads_before = set(threading.enumerate())
         try:
             cfg = _config(self.args, self.data, batch, workers)
             loader = pipelines.build_loader(cfg, backend, split=self.args.split, device=self.device,
@@ -699,6 +724,7 @@ class _Bench:
             if runner is not None:
                 runner.close()
             gc.collect()
+            _join_producers(threads_before)
 
 
 def _prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, str]]:
@@ -717,7 +743,7 @@ def _prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[s
             ensure_format(root, fmt, workers=args.workers or 1)
         except Exception as e:  # the converter failing costs that backend its rows, not the run
             log.warning("cannot write the bench set as .%s: %s", fmt, e)
-            errors[backend] = f"cannot write {args.split}.{fmt}: {_short(e)}"
+            errors[backend] = f"cannot write train.{fmt}: {_short(e)}"
     manifest = json.loads((root / "manifest.json").read_text())
     return str(root), {"root": str(root), "generated": True, **manifest}, errors
 

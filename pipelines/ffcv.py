@@ -1,20 +1,20 @@
 """FFCV backend: ``<data>/<split>.beton`` -> :class:`~pipelines.Batch` on the training device.
 
-FFCV reads the stored JPEG (or raw pixels) once per view in its own Numba threads and decodes
-straight into a random-resized crop of the view's size, flips it, and hands the uint8 batch over
-(``ToTensor -> ToDevice -> ToTorchImage``); :func:`pipelines.gpu_augment.augment_view` then does the
-colour ops, blur and normalisation for the whole batch on the device — batched tensor ops on an
-accelerator, its fused Numba kernel on the CPU, running beside FFCV's decoding threads. The pipeline
-is the same on every device.
+FFCV reads each stored JPEG (or raw image) once per batch in its own Numba threads and
+:class:`MultiCropDecoder` cuts every view of that size from the one decode — random resized crops
+with each view's scale and ratio — into a ``[B, V, size, size, 3]`` uint8 batch (``ToTensor``, then
+``ToDevice`` off the CPU). :func:`pipelines.gpu_augment.augment_view` then flips, colours, blurs and
+normalises each view on the device: batched tensor ops on an accelerator, its fused Numba kernel on
+the CPU, running beside FFCV's decoding threads. The pipeline is the same on every device.
 
-``augment_in_pipeline=True`` instead runs that kernel inside FFCV as :class:`ViewAugment`, an FFCV
-operation (flip + colour + blur + normalise per sample in FFCV's threads). Measured on a loaded
-2-core CPU it was a little slower than the default (see the benchmark in the README); it stays as an
-option for machines where FFCV's threads are the only ones worth having.
+Measured on a loaded 2-core CPU (224 px, weak + strong): decoding once instead of once per view was
+~1.4x faster, and running the colour kernel inside FFCV's threads (an FFCV operation) was no faster
+than after the loader, so the colour ops stay in gpu_augment, shared with the accelerator path.
 
-FFCV 1.0.2 has no field mapper: each extra view is ``PipelineSpec("image", ...)`` under its own key,
-and batches come back as the stored fields first, then the extra pipelines; outputs are picked by
-key here so nothing depends on that order. The stored ``image`` field carries the weak view.
+Views of different sizes (multi-crop) get one decoder each: FFCV 1.0.2 has no field mapper, so each
+extra one is ``PipelineSpec("image", ...)`` under its own key, and batches come back as the stored
+fields first, then the extra pipelines; outputs are picked by key here so nothing depends on that
+order. The stored ``image`` field carries the weak view's size group.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from . import Batch, LoaderConfig
-from .gpu_augment import augment_sample, augment_view
-from .spec import RecipeSpec, ViewSpec, blur_kernel_size
+from .gpu_augment import augment_view
+from .spec import RecipeSpec, ViewSpec
 
 try:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
     from ffcv.loader import Loader as _FFCVLoader
     from ffcv.loader import OrderOption
     from ffcv.pipeline import PipelineSpec
@@ -44,7 +45,7 @@ try:
     from ffcv.pipeline.operation import Operation
     from ffcv.pipeline.state import State
     from ffcv.reader import Reader
-    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import ToDevice, ToTensor
     from ffcv.traversal_order.base import TraversalOrder
     from ffcv.traversal_order.quasi_random import QuasiRandom
 except ImportError as e:  # pragma: no cover - exercised by a test that hides ffcv
@@ -54,75 +55,68 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides ff
         f"pkg-config && pip install -e '.[ffcv]'` (import failed: {e})"
     ) from e
 
-__all__ = ["FFCVLoader", "ViewAugment", "build_ffcv_loader", "ORDERS"]
+__all__ = ["FFCVLoader", "MultiCropDecoder", "build_ffcv_loader", "ORDERS"]
 
 log = logging.getLogger(__name__)
 
 ORDERS = ("auto", "random", "quasi_random", "sequential")
 
 
-class ViewAugment(Operation):
-    """FFCV operation: a whole view's per-sample random flip + colour + blur + solarize + normalise.
+class MultiCropDecoder(Operation):
+    """FFCV decoder: decode each stored image once and cut several random resized crops from it.
 
-    Input: the decoder's ``[B,H,W,3]`` uint8 crops. Output: ``[B,H,W,3]`` float32, normalised with
-    ``mean``/``std`` (use ``ToTensor`` + ``ToTorchImage`` to get a channels_last NCHW tensor).
-    Random draws use Numba's per-thread NumPy generator, like FFCV's own crop and flip.
+    FFCV's own decoder gives one crop per pipeline, so two views cost two JPEG decodes (the largest
+    CPU cost left once the colour ops are fused). This one takes views of equal output size and
+    writes ``[B, V, size, size, 3]`` uint8: crop ``v`` with ``scales[v]`` / ``ratios[v]``.
+    Flip is left to :func:`~pipelines.gpu_augment.augment_view` (FFCV's flip expects one image).
     """
 
-    def __init__(self, view: ViewSpec, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, size: int, scales: list[tuple[float, float]], ratios: list[tuple[float, float]]):
         super().__init__()
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"ViewAugment({view.name!r}): need 3 means and 3 positive stds, got {mean}, {std}")
-        self.view = view
-        self.mul = np.array([1.0 / s for s in std], np.float32)
-        self.add = np.array([-m / s for m, s in zip(mean, std, strict=True)], np.float32)
+        if size <= 0 or not scales or len(scales) != len(ratios):
+            raise ValueError(f"MultiCropDecoder: need size > 0 and one (scale, ratio) per crop, got size={size}, "
+                             f"scales={scales}, ratios={ratios}")
+        self.size = size
+        self.scales = np.array(scales, np.float64)
+        self.ratios = np.array(ratios, np.float64)
 
-    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
-        if len(previous_state.shape) != 3 or previous_state.shape[2] != 3 or previous_state.dtype != np.uint8:
-            raise ValueError(f"ViewAugment({self.view.name!r}) needs [H,W,3] uint8 crops from the decoder, got "
-                             f"shape {previous_state.shape} dtype {previous_state.dtype}")
-        out_dtype = np.dtype(np.float32)
-        return (replace(previous_state, jit_mode=True, dtype=out_dtype),
-                AllocationQuery(previous_state.shape, out_dtype))
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        max_pixels = int(self.metadata["height"].max()) * int(self.metadata["width"].max())
+        out_shape = (len(self.scales), self.size, self.size, 3)
+        u8 = np.dtype(np.uint8)
+        return (replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
+                (AllocationQuery(out_shape, u8), AllocationQuery((max_pixels * 3,), u8)))
 
     def generate_code(self):
+        mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        view = self.view
-        flip_p = view.flip_p
-        js = view.jitter
-        jit_p = js.p if js is not None else 0.0
-        b_lo, b_hi = (max(0.0, 1 - js.brightness), 1 + js.brightness) if js is not None else (1.0, 1.0)
-        c_lo, c_hi = (max(0.0, 1 - js.contrast), 1 + js.contrast) if js is not None else (1.0, 1.0)
-        s_lo, s_hi = (max(0.0, 1 - js.saturation), 1 + js.saturation) if js is not None else (1.0, 1.0)
-        hue_max = js.hue if js is not None else 0.0
-        gray_p = view.gray_p
-        blur_p = view.blur_p
-        sig_lo, sig_hi = view.blur_sigma
-        ksize = (view.blur_kernel or blur_kernel_size(view.size)) if blur_p > 0 else 1
-        sol_p = view.solarize_p
-        thr = view.solarize_threshold
-        mul = self.mul
-        add = self.add
-        kernel = augment_sample
+        decode_c = Compiler.compile(imdecode)
+        resize_c = Compiler.compile(resize_crop)
+        crop_c = Compiler.compile(get_random_crop)
+        jpg = IMAGE_MODES["jpg"]
+        scales = self.scales
+        ratios = self.ratios
+        n_crops = len(scales)
 
-        def view_augment(images, dst):
-            n = images.shape[0]
-            flip = np.random.rand(n) < flip_p
-            jitter = np.random.rand(n) < jit_p
-            bri = np.random.uniform(b_lo, b_hi, n)
-            con = np.random.uniform(c_lo, c_hi, n)
-            sat = np.random.uniform(s_lo, s_hi, n)
-            hue = np.random.uniform(-hue_max, hue_max, n)
-            gray = np.random.rand(n) < gray_p
-            sigma = np.random.uniform(sig_lo, sig_hi, n) * (np.random.rand(n) < blur_p)
-            sol = np.random.rand(n) < sol_p
-            for i in my_range(n):
-                kernel(images[i], dst[i], flip[i], jitter[i], bri[i], con[i], sat[i], hue[i], gray[i],
-                       sigma[i], ksize, sol[i], thr, mul, add)
-            return dst[:n]
+        def decode_crops(batch_indices, storage, metadata, storage_state):
+            out, scratch = storage
+            for k in my_range(len(batch_indices)):
+                field = metadata[batch_indices[k]]
+                data = mem_read(field["data_ptr"], storage_state)
+                h = np.uint32(field["height"])
+                w = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    decode_c(data, scratch[k], h, w, h, w, 0, 0, 1, 1, False, False)
+                    image = scratch[k][: 3 * h * w].reshape(h, w, 3)
+                else:
+                    image = data.reshape(h, w, 3)
+                for v in range(n_crops):
+                    i, j, ch, cw = crop_c(h, w, scales[v], ratios[v])
+                    resize_c(image, i, i + ch, j, j + cw, out[k, v])
+            return out[: len(batch_indices)]
 
-        view_augment.is_parallel = True
-        return view_augment
+        decode_crops.is_parallel = True
+        return decode_crops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,8 +172,7 @@ class FFCVLoader:
 
     def __init__(self, path: Path, spec: RecipeSpec, *, batch_size: int, num_threads: int, device: torch.device,
                  rank: int, world_size: int, seed: int, order: str, os_cache: bool, batches_ahead: int,
-                 drop_last: bool, channels_last: bool, out_dtype: torch.dtype, augment_in_pipeline: bool,
-                 augment_impl: str = "auto"):
+                 drop_last: bool, channels_last: bool, out_dtype: torch.dtype, augment_impl: str = "auto"):
         self.path = path
         self.spec = spec
         self.batch_size = batch_size
@@ -190,14 +183,20 @@ class FFCVLoader:
         self.drop_last = drop_last
         self.channels_last = channels_last
         self.out_dtype = out_dtype
-        self.augment_in_pipeline = augment_in_pipeline
         self.augment_impl = augment_impl
         self._epoch = 0
-        self._keys = {v.name: ("image" if v is spec.weak else f"view_{v.name}") for v in spec.views}
-        pipelines: dict[str, object] = {}
+        # Views grouped by output size, weak view's group first; view name -> (pipeline key, crop index).
+        groups: dict[int, list[ViewSpec]] = {}
         for v in spec.views:
-            ops = self._view_ops(v)
-            pipelines[self._keys[v.name]] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
+            groups.setdefault(v.size, []).append(v)
+        self._where: dict[str, tuple[str, int]] = {}
+        pipelines: dict[str, object] = {}
+        for n, (size, views) in enumerate(groups.items()):
+            key = "image" if n == 0 else f"crops_{size}"
+            self._where.update({v.name: (key, k) for k, v in enumerate(views)})
+            ops = [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type != "cpu" else [])
+            decoder = MultiCropDecoder(size, [v.scale for v in views], [v.ratio for v in views])
+            pipelines[key] = PipelineSpec("image", decoder=decoder, transforms=ops)
         label_ops = [IntDecoder(), ToTensor()]
         if device.type != "cpu":
             label_ops.append(ToDevice(device, non_blocking=True))
@@ -213,39 +212,29 @@ class FFCVLoader:
         self._names = list(self._loader.pipeline_specs)
         self._samples = len(self._order.sample_order(0))
         self._generator = torch.Generator()
-
-    def _view_ops(self, v: ViewSpec) -> list:
-        decoder = RandomResizedCropRGBImageDecoder((v.size, v.size), scale=v.scale, ratio=v.ratio)
-        if self.augment_in_pipeline:
-            return [decoder, ViewAugment(v, self.spec.mean, self.spec.std), ToTensor(),
-                    ToTorchImage(channels_last=True, convert_back_int16=False)]
-        ops = [decoder]
-        if v.flip_p > 0:
-            ops.append(RandomHorizontalFlip(flip_prob=v.flip_p))
-        ops.append(ToTensor())
-        if self.device.type != "cpu":  # on the CPU it would only copy the batch once more
-            ops.append(ToDevice(self.device, non_blocking=True))
-        ops.append(ToTorchImage(channels_last=True, convert_back_int16=False))
-        return ops
+        if len(self) == 0:
+            raise ValueError(f"FFCV backend: {str(path)!r} has {len(self._order.indices)} samples, too few for "
+                             f"{world_size} process(es) x batch {batch_size} with drop_last={drop_last}")
 
     def __len__(self) -> int:
         n = self._samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Next iteration yields epoch ``epoch`` from batch ``start_batch`` (skipped batches aren't read)."""
+        """Next iteration yields epoch ``epoch`` from batch ``start_batch`` (skipped batches aren't read).
+
+        Without a call, each new iteration goes on to the following epoch.
+        """
         if epoch < 0 or start_batch < 0:
             raise ValueError(f"set_epoch: epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
         self._epoch = epoch
         self._order.skip = start_batch * self.batch_size
 
-    def _finish(self, x: torch.Tensor, v: ViewSpec) -> torch.Tensor:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        if self.augment_in_pipeline:
-            # Copy out of FFCV's reused buffer (and cast / re-layout in the same pass).
-            return x.to(self.device, dtype=self.out_dtype, memory_format=fmt, copy=True)
-        return augment_view(x, v, self.spec.mean, self.spec.std, self._generator, flip=False,
-                            out_dtype=self.out_dtype, channels_last=self.channels_last, impl=self.augment_impl)
+    def _view(self, got: dict[str, torch.Tensor], v: ViewSpec) -> torch.Tensor:
+        key, k = self._where[v.name]
+        crops = got[key][:, k].permute(0, 3, 1, 2)  # [B,3,H,W] uint8 view into FFCV's buffer
+        return augment_view(crops, v, self.spec.mean, self.spec.std, self._generator, out_dtype=self.out_dtype,
+                            channels_last=self.channels_last, impl=self.augment_impl)
 
     def __iter__(self) -> Iterator[Batch]:
         self._loader.next_epoch = self._epoch
@@ -256,7 +245,7 @@ class FFCVLoader:
         try:
             for out in epoch_iter:
                 got = dict(zip(self._names, out, strict=True))
-                views = [self._finish(got[self._keys[v.name]], v) for v in self.spec.views]
+                views = [self._view(got, v) for v in self.spec.views]
                 yield Batch(weak=views[0], strong=views[1:], label=got["label"].view(-1).long())
         finally:
             epoch_iter.close()  # stops FFCV's producer thread if the consumer leaves early
@@ -294,7 +283,6 @@ def build_ffcv_loader(
     batches_ahead: int | None = None,
     drop_last: bool | None = None,
     out_dtype: torch.dtype = torch.float32,
-    augment_in_pipeline: bool = False,
     augment_impl: str = "auto",
 ) -> FFCVLoader:
     """FFCV loader over ``<cfg.data>/<split>.beton`` for process ``rank`` of ``world_size``.
@@ -309,8 +297,6 @@ def build_ffcv_loader(
         batches_ahead: batches FFCV prepares in advance (default 3).
         drop_last: drop the short last batch (default True).
         out_dtype: float32, float16 or bfloat16 batches.
-        augment_in_pipeline: run the colour ops in FFCV's threads (:class:`ViewAugment`, CPU only)
-            instead of :func:`augment_view` after the loader (default False).
         augment_impl: ``impl`` of :func:`augment_view` when it runs ("auto", "torch", "numba").
     """
     path = Path(cfg.data) / f"{split}.beton"
@@ -340,15 +326,11 @@ def build_ffcv_loader(
         raise ValueError(f"FFCV backend: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if augment_impl not in ("auto", "torch", "numba"):
         raise ValueError(f"FFCV backend: augment_impl must be 'auto', 'torch' or 'numba', got {augment_impl!r}")
-    augment_in_pipeline = bool(augment_in_pipeline)
-    if augment_in_pipeline and device.type != "cpu":
-        raise ValueError(f"FFCV backend: augment_in_pipeline=True runs on the CPU, but device is {device}")
     _check_fields(path)
     num_threads = cfg.num_workers if cfg.num_workers > 0 else (os.cpu_count() or 1)
-    log.info("FFCV loader %s: rank %d/%d, %d threads, order=%s, os_cache=%s, colour ops %s", path, rank,
-             world_size, num_threads, order, os_cache, "in FFCV (Numba)" if augment_in_pipeline else
-             f"after the loader on {device} ({augment_impl})")
+    log.info("FFCV loader %s: rank %d/%d, %d threads, order=%s, os_cache=%s, augment on %s (%s)", path, rank,
+             world_size, num_threads, order, os_cache, device, augment_impl)
     return FFCVLoader(path, spec, batch_size=cfg.batch_size // world_size, num_threads=num_threads, device=device,
                       rank=rank, world_size=world_size, seed=cfg.seed, order=order, os_cache=os_cache,
                       batches_ahead=batches_ahead, drop_last=drop_last, channels_last=cfg.channels_last,
-                      out_dtype=out_dtype, augment_in_pipeline=augment_in_pipeline, augment_impl=augment_impl)
+                      out_dtype=out_dtype, augment_impl=augment_impl)

@@ -3,14 +3,13 @@
 Each image is a left-to-right red ramp (so flips show) with a flat green level = its label (so the
 views and the label of a sample can be checked to come from the same stored image). The same images
 as an ImageFolder tree feed the torchvision reference for the parity test. Two loaders (rank 0 and 1
-of 2; colour ops by gpu_augment after the loader on one, inside FFCV on the other) serve all tests,
-because every FFCV loader pays a JIT compile. (gpu_augment's torch path, the accelerator's, is held
-to the same kernel in test_gpu_augment.py.)
+of 2; gpu_augment's CPU kernel on one, its batched tensor ops on the other) serve all tests, because
+every FFCV loader pays a JIT compile. SPEC has two views of one size (decoded once, cropped twice)
+and one of another size (its own decoder).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -97,16 +96,16 @@ def _collect(loader: Loader, epochs: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(data) -> dict[int, dict[str, torch.Tensor]]:
-    """Rank 0 (gpu_augment after the loader) and rank 1 (ViewAugment inside FFCV) of 2, EPOCHS epochs."""
+    """Rank 0 (Numba colour kernel) and rank 1 (batched torch ops) of 2, EPOCHS epochs each."""
     out = {}
     from pipelines.ffcv import build_ffcv_loader
 
     for rank in (0, 1):
-        if rank == 0:  # through the package's dispatch: gpu_augment after the loader (its CPU kernel here)
+        if rank == 0:  # through the package's dispatch: gpu_augment's fused CPU kernel
             loader = build_loader(_cfg(data), "ffcv", spec=SPEC, rank=rank, world_size=2)
-        else:  # the same kernel as an FFCV operation inside FFCV's threads
+        else:  # gpu_augment's batched tensor ops, the accelerator path, here on the CPU
             loader = build_ffcv_loader(_cfg(data), SPEC, split="train", device=torch.device("cpu"), rank=rank,
-                                       world_size=2, augment_in_pipeline=True)
+                                       world_size=2, augment_impl="torch")
         assert isinstance(loader, Loader) and loader.batch_size == 4 and len(loader) == 3
         out[rank] = _collect(loader, EPOCHS)
         out[rank]["loader"] = loader
@@ -200,11 +199,12 @@ def test_bad_options_fail_before_reading(data, tmp_path):
         build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=0, world_size=1, order="shuffled")
     with pytest.raises(ValueError, match="rank"):
         build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="augment_in_pipeline"):
-        build_ffcv_loader(_cfg(data), SPEC, split="train", device=torch.device("cuda"), rank=0, world_size=1,
-                          augment_in_pipeline=True)
+    with pytest.raises(ValueError, match="augment_impl"):
+        build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=0, world_size=1, augment_impl="cuda")
     with pytest.raises(ValueError, match="batches_ahead"):
         build_ffcv_loader(_cfg(data, batches_ahead=0), SPEC, split="train", device=cpu, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="too few"):
+        build_ffcv_loader(_cfg(data, batch_size=64), SPEC, split="train", device=cpu, rank=0, world_size=2)
     (tmp_path / "junk.beton").write_bytes(b"not a beton")
     with pytest.raises(ValueError, match="junk.beton"):
         build_ffcv_loader(_cfg(tmp_path), SPEC, split="junk", device=cpu, rank=0, world_size=1)
@@ -230,12 +230,10 @@ def test_missing_ffcv_names_the_extra_and_debian_packages(monkeypatch):
         importlib.import_module("pipelines.ffcv")
 
 
-def test_view_augment_rejects_non_uint8_input():
-    from ffcv.pipeline.state import State
+def test_multicrop_decoder_checks_its_arguments():
+    from pipelines.ffcv import MultiCropDecoder
 
-    from pipelines.ffcv import ViewAugment
-
-    op = ViewAugment(dataclasses.replace(SPEC.weak), SPEC.mean, SPEC.std)
-    state = State(jit_mode=True, device=torch.device("cpu"), shape=(16, 16, 3), dtype=np.dtype(np.float32))
-    with pytest.raises(ValueError, match="uint8"):
-        op.declare_state_and_memory(state)
+    with pytest.raises(ValueError, match="one \\(scale, ratio\\) per crop"):
+        MultiCropDecoder(16, [(0.2, 1.0)], [])
+    with pytest.raises(ValueError, match="size > 0"):
+        MultiCropDecoder(0, [(0.2, 1.0)], [(0.75, 1.33)])

@@ -67,6 +67,7 @@ def test_machine_versions_and_data(report):
     assert m["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
     commit = m["git"]["commit"]
     assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
+    assert m["versions"]["ressl_commit"] == (None if commit is None else commit + "+dirty" * m["git"]["dirty"])
     assert report["args"]["batch"] == 4 and report["args"]["size"] == 16
     assert report["config"]["backbone"] == "resnet18_cifar" and report["config"]["queue_size"] % 4 == 0
     d = report["data"]

@@ -300,6 +300,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
                "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
                "cudnn": torch.backends.cudnn.version()}
     status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "HEAD")
     return {
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
@@ -318,8 +319,9 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
             "dali": _dali_version(),
             "ffcv": _version("ffcv"),
             "ressl": _version("ressl"),
+            "ressl_commit": None if commit is None else commit + ("+dirty" if status else ""),
         },
-        "git": {"commit": _git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+        "git": {"commit": commit, "dirty": None if status is None else bool(status),
                 "branch": _git("rev-parse", "--abbrev-ref", "HEAD")},
     }
 
@@ -488,7 +490,9 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     def __call__(self, weak: torch.Tensor, strong: list[torch.Tensor]) -> None:
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
             loss, _ = self.model(weak, strong, infonce_weight=0.0)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

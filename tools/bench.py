@@ -22,10 +22,17 @@ counts every augmented view a loader produced.
 Without ``--data`` the benchmark reads a deterministic set of ImageNet-size JPEGs generated once under
 ``data/bench/`` (see ``_benchdata.py``) with its .beton and .rec, so every run reads the same bytes.
 
-JSON (``--json OUT``): ``{"schema", "date", "machine", "args", "config", "data", "results"}``;
-``results`` is a list of rows, each with ``backend`` (torchvision / dali / ffcv / synthetic), ``mode``,
-``model``, ``batch``, ``images_per_s`` and the figures listed in :data:`ROW_FIGURES`. A backend that is
-not installed or fails gets rows with ``error`` (why) and ``images_per_s: null``.
+JSON (``--json OUT``): ``{"schema", "date", "machine", "args", "config", "recipe", "data", "results"}``.
+``machine`` holds cpu, cores, gpu, versions (with the git commit) and git; ``results`` is a list of
+rows, each with ``backend`` (torchvision / dali / ffcv / synthetic), ``mode``, ``model``, ``batch``,
+``size``, ``num_workers`` and ``images_per_s``, plus the figures of :data:`ROW_FIGURES`:
+``images_per_s_{std,min,max,runs}`` (over windows), ``pairs_per_s``, ``views_per_s``, ``step_ms``,
+``cpu_cores_busy`` (CPU seconds of this process and its workers per wall second) and ``cpu_util``
+(the same / available cores), ``peak_mem_bytes`` (CUDA) or ``peak_rss_bytes`` (CPU, process lifetime),
+``h2d_bytes_per_s`` (CUDA with pynvml: host-to-device PCIe traffic), ``data_wait_frac`` (end to end:
+share of wall time spent waiting in ``next(batch)``) and ``loader_efficiency`` (end to end). A backend
+that is not installed or fails gets rows with ``error`` (why) and ``images_per_s: null``, no figures.
+Sweep rows carry ``"sweep": true``.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "default: the cores this process may use")
     p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
                    help="autocast dtype (auto: bf16 on GPU, no on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher encoders")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and batches")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch intra-op threads of the training process "

@@ -246,7 +246,8 @@ class FFCVLoader:
             for out in epoch_iter:
                 got = dict(zip(self._names, out, strict=True))
                 views = [self._view(got, v) for v in self.spec.views]
-                yield Batch(weak=views[0], strong=views[1:], label=got["label"].view(-1).long())
+                label = got["label"].view(-1).to(torch.int64, copy=True)  # FFCV reuses its buffer
+                yield Batch(weak=views[0], strong=views[1:], label=label)
         finally:
             epoch_iter.close()  # stops FFCV's producer thread if the consumer leaves early
 

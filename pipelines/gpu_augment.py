@@ -25,9 +25,9 @@ to 1/255 of each other and of torchvision):
 * ``torch``: batched tensor ops, any device — the accelerator path;
 * ``numba``: uint8 CPU images only; :func:`augment_sample` runs a whole view per sample in one pass
   over rows of planar float32 pixels (vectorised, GIL released, split over torch's thread count) —
-  several times faster than the tensor ops on a 2-core CPU. FFCV's CPU pipeline calls the same
-  kernel from its own threads (``pipelines.ffcv.ViewAugment``). ``NUMBA_DISABLE_JIT=1`` runs the
-  kernels as plain Python for debugging.
+  several times faster than the tensor ops on a 2-core CPU, and it runs beside FFCV's decoding
+  threads without entering Numba's parallel layer. ``NUMBA_DISABLE_JIT=1`` runs the kernels as
+  plain Python for debugging.
 """
 
 from __future__ import annotations

@@ -237,3 +237,12 @@ def test_multicrop_decoder_checks_its_arguments():
         MultiCropDecoder(16, [(0.2, 1.0)], [])
     with pytest.raises(ValueError, match="size > 0"):
         MultiCropDecoder(0, [(0.2, 1.0)], [(0.75, 1.33)])
+
+
+def test_cuda_batches_land_on_the_device(data):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA path differs only by ToDevice and gpu_augment's torch ops")
+    loader = build_loader(_cfg(data), "ffcv", spec=SPEC, device="cuda", rank=0, world_size=1)
+    batch = next(iter(loader))
+    assert batch.weak.device.type == "cuda" and batch.label.device.type == "cuda"
+    assert batch.strong[1].shape == (8, 3, 16, 16) and batch.weak.is_contiguous(memory_format=torch.channels_last)

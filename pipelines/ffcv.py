@@ -1,11 +1,11 @@
 """FFCV backend: ``<data>/<split>.beton`` -> :class:`~pipelines.Batch` on the training device.
 
-FFCV reads each stored JPEG (or raw image) once per batch in its own Numba threads and
-:class:`MultiCropDecoder` cuts every view of that size from the one decode — random resized crops
-with each view's scale and ratio — into a ``[B, V, size, size, 3]`` uint8 batch (``ToTensor``, then
-``ToDevice`` off the CPU). :func:`pipelines.gpu_augment.augment_view` then flips, colours, blurs and
-normalises each view on the device: batched tensor ops on an accelerator, its fused Numba kernel on
-the CPU, running beside FFCV's decoding threads. The pipeline is the same on every device.
+In FFCV's own Numba threads, :class:`MultiCropDecoder` decodes each stored JPEG (or raw image) once
+and cuts every view of one output size from it — random resized crops with each view's scale and
+ratio — into a ``[B, V, size, size, 3]`` uint8 batch (``ToTensor``, then ``ToDevice`` off the CPU).
+:func:`pipelines.gpu_augment.augment_view` then flips, colours, blurs and normalises each view on
+the device: batched tensor ops on an accelerator, its fused Numba kernel on the CPU, running beside
+FFCV's decoding threads. The pipeline is the same on every device.
 
 Measured on a loaded 2-core CPU (224 px, weak + strong): decoding once instead of once per view was
 ~1.4x faster, and running the colour kernel inside FFCV's threads (an FFCV operation) was no faster

@@ -134,3 +134,30 @@ def test_two_process_queue_and_teachers(image_folder, tmp_path):
     assert s["num_processes"] == 2
     assert s["teacher_checksums"][0] == s["teacher_checksums"][1]
     assert s["queue_ptr"] == 3 * 8 % 64
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_short_run_through_fast_backends(backend, image_folder, tmp_path):
+    """The same loop fed by FFCV (.beton) and DALI (CPU pipeline over the ImageFolder tree)."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    import pipelines
+
+    if not pipelines.available_backends()[backend]:
+        pytest.skip(f"{backend} is not installed (extra [{backend}])")
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    if backend == "ffcv":
+        from pipelines.formats.beton import write_beton
+        from pipelines.torchvision import ImageFolderFiles
+
+        files = ImageFolderFiles(data / "train").samples
+        samples = [(np.asarray(Image.open(p).convert("RGB")), label) for p, label in files]
+        write_beton(data / "train.beton", samples, mode="raw")
+    s = train.main(small_cfg(data, tmp_path, f"name={backend}", f"backend={backend}", "max_steps=4", "log_every=1"))
+    assert s["steps"] == 4 and len(s["losses"]) == 4 and all(np.isfinite(s["losses"]))
+    assert s["backend"].lower().startswith(backend)
+    assert s["knn_after"] is not None

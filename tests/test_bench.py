@@ -136,6 +136,19 @@ def test_failing_backend_is_reported_and_the_run_goes_on(cache, monkeypatch):
     assert _row(rep, "synthetic", "model")["images_per_s"] > 0
 
 
+def test_a_backend_changing_torch_threads_is_undone(cache, monkeypatch):
+    real = pipelines.build_loader
+
+    def meddling(cfg, backend="auto", **kw):
+        torch.set_num_threads(3)  # what `import ffcv` does (to 1)
+        return real(cfg, backend, **kw)
+
+    monkeypatch.setattr(pipelines, "build_loader", meddling)
+    rep = bench.main([*TINY, "--backend", "torchvision", "--modes", "loader", "--bench-dir", str(cache)])
+    assert _row(rep, "torchvision", "loader")["images_per_s"] > 0
+    assert torch.get_num_threads() == 1 == rep["args"]["threads"]
+
+
 def test_unavailable_model_step_is_an_error_row(cache, monkeypatch):
     def broken(self, cfg, device):
         raise ImportError("no ressl.method here")

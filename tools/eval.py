@@ -14,11 +14,9 @@ every epoch. Results go to ``eval.json`` and ``tsne.png`` next to the checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,6 +27,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pipelines.formats.atomic import atomic_write_json  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
 from ressl.config import Config  # noqa: E402
 from ressl.eval import (  # noqa: E402
@@ -120,20 +119,6 @@ def evaluate(
     return out
 
 
-def _write_json(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader] | None = None) -> dict[str, Any]:
     """Command line entry; ``build_eval_loader`` defaults to ``pipelines.torchvision.build_eval_loader``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -185,7 +170,7 @@ def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader]
     )
     result.update(ckpt=str(args.ckpt), branch=args.branch, backbone=cfg.backbone, data=str(data), probe=args.probe,
                   probe_epochs=args.probe_epochs)
-    _write_json(result, out_dir / "eval.json")
+    atomic_write_json(out_dir / "eval.json", result)
     log.info("wrote %s", out_dir / "eval.json")
     return result
 

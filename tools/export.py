@@ -20,7 +20,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pipelines.formats.atomic import atomic_open  # noqa: E402
 from ressl.eval import load_checkpoint  # noqa: E402
 from ressl.method import BACKBONE_PREFIX  # noqa: E402
 from ressl.models import CLASSIFIER_ATTRS, build_model  # noqa: E402
@@ -66,17 +66,8 @@ def check_loads(state: dict[str, torch.Tensor], backbone: str) -> list[str]:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def export_backbone(ckpt: str | os.PathLike, out: str | os.PathLike, branch: str = "student") -> list[str]:

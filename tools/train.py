@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines import build_loader  # noqa: E402
+from pipelines.formats.atomic import atomic_open, atomic_write_json  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
 from pipelines.torchvision import build_eval_loader  # noqa: E402
 from ressl.config import Config, load_config  # noqa: E402
@@ -67,18 +66,9 @@ def lr_lambda(warmup_steps: int, total_steps: int):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: temp file in the same directory, fsync, rename over the old one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """Write atomically (temp file, fsync, rename): a kill at any moment leaves the old or the new file."""
+    with atomic_open(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def knn_monitor(cfg: Config, backbone: torch.nn.Module, device: torch.device) -> float | None:
@@ -119,10 +109,9 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(png_path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 class RunLog:
@@ -329,7 +318,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if accelerator.is_main_process:
         runlog.close()
         plot_curves(runlog.csv_path, run_dir / "curves.png")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_json(run_dir / "summary.json", summary)
         kb = "n/a" if summary["knn_before"] is None else f"{summary['knn_before']:.2f}%"
         ka = "n/a" if final_knn is None else f"{final_knn:.2f}%"
         ips = summary["images_per_s"]

@@ -11,11 +11,14 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = [
     "AtomicFile",
+    "atomic_open",
     "atomic_write_bytes",
     "atomic_write_json",
     "fsync_dir",
@@ -69,15 +72,23 @@ class AtomicFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
+@contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """``with atomic_open(p) as f: torch.save(obj, f)``: a binary file, published (fsync + rename) when
+    the block ends, deleted if it raises."""
     f = AtomicFile(path)
     try:
-        f.write(data)
+        yield f._f
     except BaseException:
         f.abort()
         raise
     f.commit()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -249,7 +249,11 @@ class FFCVLoader:
                 label = got["label"].view(-1).to(torch.int64, copy=True)  # FFCV reuses its buffer
                 yield Batch(weak=views[0], strong=views[1:], label=label)
         finally:
-            epoch_iter.close()  # stops FFCV's producer thread if the consumer leaves early
+            # FFCV's close() frees the batch memory without waiting for its producer thread: stop and join
+            # the thread first, or a consumer leaving mid-epoch can crash the process at exit
+            epoch_iter.terminate_event.set()
+            epoch_iter.join(timeout=10)
+            epoch_iter.close()
 
 
 def _check_fields(path: Path) -> None:

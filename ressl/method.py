@@ -195,7 +195,9 @@ class ReSSL(nn.Module):
             total = view_loss if total is None else total + view_loss
         n = len(outs)
         loss = total / n if n > 1 else total
-        metrics = {"loss": loss.detach(), **{name: v / n for name, v in logged.items()}}
+        metrics = {"loss": loss.detach(), **{name: v / n for name, v in logged.items()},
+                   # collapse monitor: per-dimension std of the unit teacher keys, ~1/sqrt(D) when spread, 0 collapsed
+                   "key_std": k.std(dim=0).mean()}
         return loss, metrics
 
     def _log_switch(self, weight: float) -> None:

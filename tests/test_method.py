@@ -49,8 +49,9 @@ def test_forward_returns_loss_and_detached_scalar_metrics_without_touching_queue
     queue_before = model.queue.buffer.clone()
     loss, metrics = model(weak, strong)
     assert loss.ndim == 0 and loss.requires_grad
-    assert set(metrics) == {"loss", "loss_rel", "loss_nce", "loss_sim"}
+    assert set(metrics) == {"loss", "loss_rel", "loss_nce", "loss_sim", "key_std"}
     assert all(v.ndim == 0 and not v.requires_grad for v in metrics.values())
+    assert 0 < metrics["key_std"] <= 1  # per-dimension spread of unit-norm teacher keys
     assert torch.equal(model.queue.buffer, queue_before) and int(model.queue.ptr) == 0
     loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())

@@ -99,7 +99,8 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    keys = [k for k in ("loss", "loss_rel", "loss_nce", "loss_sim", "lr", "momentum", "knn_top1", "images_per_s")
+    keys = [k for k in ("loss", "loss_rel", "loss_nce", "loss_sim", "key_std", "lr", "momentum", "knn_top1",
+                        "images_per_s")
             if any(r.get(k) for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
     for ax, k in zip(axes[0], keys):
@@ -117,8 +118,8 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
 class RunLog:
     """CSV + TensorBoard rows, written by the main process only."""
 
-    FIELDS = ["step", "epoch", "loss", "loss_rel", "loss_nce", "loss_sim", "lr", "momentum", "infonce_weight",
-              "images_per_s", "knn_top1"]
+    FIELDS = ["step", "epoch", "loss", "loss_rel", "loss_nce", "loss_sim", "key_std", "lr", "momentum",
+              "infonce_weight", "images_per_s", "knn_top1"]
 
     def __init__(self, run_dir: Path, enabled: bool, resume: bool):
         self.enabled = enabled
@@ -173,8 +174,10 @@ def main(cfg: Config) -> dict[str, Any]:
         logging.getLogger().setLevel(logging.WARNING)  # one process speaks
 
     # --- data -----------------------------------------------------------------------------------------
+    threads = torch.get_num_threads()
     loader = build_loader(cfg, cfg.backend, split=cfg.train_split, device=device,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
+    torch.set_num_threads(threads)  # importing / building FFCV resets torch's intra-op threads
     steps_per_epoch = len(loader)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)

@@ -12,16 +12,6 @@ from ressl.method import BACKBONE_PREFIX, ReSSL, infonce_weight
 B, S = 4, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core CI box, two threads contending with other jobs run
-    these tiny convolutions ~10x slower (measured 1.8 s vs 0.15 s per step)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(**over):
     kw = dict(backbone="resnet18_cifar", proj_hidden=32, proj_dim=16, predictor=False, pred_hidden=24,
               queue_size=32, tau_s=0.1, tau_t=0.04, w_rel=1.0, w_sim=0.0, infonce_tau=0.2)

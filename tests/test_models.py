@@ -6,16 +6,6 @@ import torch
 from ressl.models import BACKBONES, Predictor, ProjectionHead, build_backbone, build_model, check_backbone_name
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core CI box, two threads contending with other jobs run
-    these tiny convolutions ~10x slower (measured 1.8 s vs 0.15 s per step)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_registry_backbone_is_headless_with_discovered_width(name):
     torch.manual_seed(0)

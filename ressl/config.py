@@ -60,6 +60,7 @@ class Config:
     warmup_infonce_epochs: int = 0  # TPAMI: InfoNCE instead of the relation loss for these epochs
     infonce_blend_epochs: int = 0  # linear blend InfoNCE -> relation over this many epochs after warm-up
     infonce_tau: float = 0.2
+    shuffle_bn_splits: int = 2  # teacher BN statistics from random groups of the batch (1 = off; see ReSSL)
 
     # --- optimisation ----------------------------------------------------------------------------
     epochs: int = 200
@@ -85,8 +86,8 @@ class Config:
     def validate(self) -> Config:
         """Raise ConfigError for impossible values; return self for chaining."""
         errs = []
-        positive = ["batch_size", "epochs", "queue_size", "proj_hidden", "proj_dim", "pred_hidden", "log_every",
-                    "ckpt_every", "knn_k"]
+        positive = ["shuffle_bn_splits", "batch_size", "epochs", "queue_size", "proj_hidden", "proj_dim",
+                    "pred_hidden", "log_every", "ckpt_every", "knn_k"]
         errs += [f"{k} must be > 0, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
         nonneg = ["num_workers", "warmup_epochs", "warmup_infonce_epochs", "infonce_blend_epochs", "max_steps",
                   "knn_every", "w_rel", "w_sim", "weight_decay"]

@@ -79,6 +79,10 @@ class ReSSL(nn.Module):
         tau_s, tau_t: student / teacher temperatures of the relation loss.
         w_rel, w_sim: weights of the relation(+InfoNCE) term and of the instance term ``2 - 2 cos``.
         infonce_tau: temperature of the InfoNCE warm-up loss.
+        shuffle_bn_splits: the teacher embeds the weak batch shuffled and cut into this many groups, each
+            with its own BatchNorm statistics (1 = off). Without it the student can match the teacher
+            through the batch's own BN statistics instead of the images, and the embeddings of a batch
+            collapse onto one direction (MoCo's shuffle-BN; the official code shuffles across GPUs).
 
     Attributes:
         student: :class:`Encoder` with backbone, head and optional predictor (trained).
@@ -102,6 +106,7 @@ class ReSSL(nn.Module):
         w_rel: float,
         w_sim: float,
         infonce_tau: float,
+        shuffle_bn_splits: int = 2,
     ) -> None:
         super().__init__()
         for key, value in (("proj_hidden", proj_hidden), ("proj_dim", proj_dim), ("pred_hidden", pred_hidden),
@@ -118,6 +123,9 @@ class ReSSL(nn.Module):
         self.queue = FeatureQueue(queue_size, proj_dim)
         self.feat_dim = feat_dim
         self.tau_s, self.tau_t, self.infonce_tau = tau_s, tau_t, infonce_tau
+        if shuffle_bn_splits < 1:
+            raise ValueError(f"ReSSL: shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
+        self.shuffle_bn_splits = shuffle_bn_splits
         self.w_rel, self.w_sim = w_rel, w_sim
         self._keys: Tensor | None = None
         self._last_infonce_weight: float | None = None
@@ -128,7 +136,7 @@ class ReSSL(nn.Module):
         model = cls(
             backbone=cfg.backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, predictor=cfg.predictor,
             pred_hidden=cfg.pred_hidden, queue_size=cfg.queue_size, tau_s=cfg.tau_s, tau_t=cfg.tau_t,
-            w_rel=cfg.w_rel, w_sim=cfg.w_sim, infonce_tau=cfg.infonce_tau,
+            w_rel=cfg.w_rel, w_sim=cfg.w_sim, infonce_tau=cfg.infonce_tau, shuffle_bn_splits=cfg.shuffle_bn_splits,
         )
         model.queue.check_batch(cfg.batch_size)
         return model
@@ -145,6 +153,21 @@ class ReSSL(nn.Module):
             for i, zi in zip(idx, z.split([views[i].shape[0] for i in idx])):
                 out[i] = zi
         return out  # type: ignore[return-value]
+
+    def _embed_teacher(self, weak: Tensor) -> Tensor:
+        """Teacher outputs for ``weak`` in input order, BN statistics from groups of the batch (shuffle-BN).
+
+        Group j holds rows j, j+n, j+2n, ...: the loader already shuffles every epoch, so strided groups
+        are random subsets, and no random draw is needed (resumed runs repeat the same groups).
+        """
+        n = min(self.shuffle_bn_splits, weak.shape[0])
+        if n <= 1 or not self.training:
+            return self.teacher(weak)
+        parts = [self.teacher(weak[j::n]) for j in range(n)]
+        out = parts[0].new_empty((weak.shape[0], *parts[0].shape[1:]))
+        for j, part in enumerate(parts):
+            out[j::n] = part
+        return out
 
     def forward(
         self, weak: Tensor, strong: list[Tensor], infonce_weight: float = 0.0
@@ -170,7 +193,7 @@ class ReSSL(nn.Module):
                 raise ValueError(f"strong view {i} has batch {v.shape[0]}, the weak view {weak.shape[0]}")
         self._log_switch(infonce_weight)
         with torch.no_grad():
-            k = F.normalize(self.teacher(weak).float(), dim=1)
+            k = F.normalize(self._embed_teacher(weak).float(), dim=1)
         self._keys = k
         bank = self.queue.buffer
         w_rel_term = self.w_rel * (1.0 - infonce_weight)

@@ -14,7 +14,8 @@ B, S = 4, 8
 
 def _model(**over):
     kw = dict(backbone="resnet18_cifar", proj_hidden=32, proj_dim=16, predictor=False, pred_hidden=24,
-              queue_size=32, tau_s=0.1, tau_t=0.04, w_rel=1.0, w_sim=0.0, infonce_tau=0.2)
+              queue_size=32, tau_s=0.1, tau_t=0.04, w_rel=1.0, w_sim=0.0, infonce_tau=0.2,
+              shuffle_bn_splits=1)  # exact comparisons below recompute the teacher on the whole batch
     kw.update(over)
     torch.manual_seed(0)
     return ReSSL(**kw).train()
@@ -240,3 +241,21 @@ def test_trains_under_ddp_without_buffer_broadcast(tmp_path):
         assert torch.isfinite(loss)
     finally:
         dist.destroy_process_group()
+
+
+def test_shuffle_bn_teacher_keys_stay_in_input_order_with_group_statistics():
+    """Teacher keys with shuffle-BN: each image embedded with its group's BN statistics (rows j, j+n, ...)
+    and returned in input order, so k_b still belongs to weak_b."""
+    model = _model(shuffle_bn_splits=2)
+    weak, strong = _views()
+    model(weak, strong)
+    keys = model._keys
+    with torch.no_grad():
+        expected = torch.empty(B, keys.shape[1])
+        expected[0::2] = F.normalize(model.teacher(weak[0::2]), dim=1)
+        expected[1::2] = F.normalize(model.teacher(weak[1::2]), dim=1)
+        whole = F.normalize(model.teacher(weak), dim=1)
+    assert torch.allclose(keys, expected, atol=1e-6)
+    assert not torch.allclose(keys, whole, atol=1e-4)  # group statistics differ from the whole batch's
+    with pytest.raises(ValueError, match="shuffle_bn_splits"):
+        _model(shuffle_bn_splits=0)

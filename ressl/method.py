@@ -79,10 +79,11 @@ class ReSSL(nn.Module):
         tau_s, tau_t: student / teacher temperatures of the relation loss.
         w_rel, w_sim: weights of the relation(+InfoNCE) term and of the instance term ``2 - 2 cos``.
         infonce_tau: temperature of the InfoNCE warm-up loss.
-        shuffle_bn_splits: the teacher embeds the weak batch shuffled and cut into this many groups, each
-            with its own BatchNorm statistics (1 = off). Without it the student can match the teacher
-            through the batch's own BN statistics instead of the images, and the embeddings of a batch
-            collapse onto one direction (MoCo's shuffle-BN; the official code shuffles across GPUs).
+        shuffle_bn_splits: BatchNorm statistics come from this many groups of each batch, contiguous rows
+            for the student and strided rows for the teacher (1 = off). Without it the student can match
+            the teacher through the batch's own BN statistics instead of the images, and a batch's
+            embeddings collapse onto one direction (MoCo's shuffle-BN; the official code shuffles across
+            GPUs).
 
     Attributes:
         student: :class:`Encoder` with backbone, head and optional predictor (trained).
@@ -149,19 +150,25 @@ class ReSSL(nn.Module):
         out: list[Tensor | None] = [None] * len(views)
         for idx in groups.values():
             x = views[idx[0]] if len(idx) == 1 else torch.cat([views[i] for i in idx])
-            z = self.student(x)
+            n = self._bn_groups(views[idx[0]].shape[0])
+            # shuffle-BN, student side: contiguous groups of rows (the teacher's groups are strided)
+            z = self.student(x) if n == 1 else torch.cat([self.student(c) for c in x.chunk(n * len(idx))])
             for i, zi in zip(idx, z.split([views[i].shape[0] for i in idx])):
                 out[i] = zi
         return out  # type: ignore[return-value]
 
+    def _bn_groups(self, batch: int) -> int:
+        return min(self.shuffle_bn_splits, batch) if self.training else 1
+
     def _embed_teacher(self, weak: Tensor) -> Tensor:
         """Teacher outputs for ``weak`` in input order, BN statistics from groups of the batch (shuffle-BN).
 
-        Group j holds rows j, j+n, j+2n, ...: the loader already shuffles every epoch, so strided groups
-        are random subsets, and no random draw is needed (resumed runs repeat the same groups).
+        Teacher group j holds rows j, j+n, j+2n, ... while the student's groups are contiguous, so an
+        image shares only 1/n of its BN group between the two branches (MoCo's shuffle-BN on one
+        device). The loader shuffles every epoch, so no random draw is needed and resumed runs repeat.
         """
-        n = min(self.shuffle_bn_splits, weak.shape[0])
-        if n <= 1 or not self.training:
+        n = self._bn_groups(weak.shape[0])
+        if n == 1:
             return self.teacher(weak)
         parts = [self.teacher(weak[j::n]) for j in range(n)]
         out = parts[0].new_empty((weak.shape[0], *parts[0].shape[1:]))

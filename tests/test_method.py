@@ -257,5 +257,9 @@ def test_shuffle_bn_teacher_keys_stay_in_input_order_with_group_statistics():
         whole = F.normalize(model.teacher(weak), dim=1)
     assert torch.allclose(keys, expected, atol=1e-6)
     assert not torch.allclose(keys, whole, atol=1e-4)  # group statistics differ from the whole batch's
+    # student side: contiguous groups, so an image shares half of its BN group with its teacher group
+    (out,) = model._embed_student(strong)
+    halves = torch.cat([model.student(strong[0][: B // 2]), model.student(strong[0][B // 2:])])
+    assert torch.allclose(out, halves, atol=1e-6)
     with pytest.raises(ValueError, match="shuffle_bn_splits"):
         _model(shuffle_bn_splits=0)

@@ -102,8 +102,12 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     keys = [k for k in ("loss", "loss_rel", "loss_nce", "loss_sim", "key_std", "lr", "momentum", "knn_top1",
                         "images_per_s")
             if any(r.get(k) for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
-    for ax, k in zip(axes[0], keys):
+    ncols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, k in zip(axes.flat, keys):
         pts = [(int(r["step"]), float(r[k])) for r in rows if r.get(k)]
         ax.plot(*zip(*pts), marker="o" if k == "knn_top1" else None, markersize=3)
         ax.set_title(k)

@@ -292,15 +292,19 @@ def _cifar_rows(arch: _Archive, members: list[str], label_key: bytes) -> tuple[n
     return np.concatenate(rows), np.concatenate(labels)
 
 
-def planar_rows_to_images(rows: np.ndarray, height: int, width: int) -> np.ndarray:
-    """CIFAR rows uint8 [N, 3*H*W] (planar, row-major) -> [N,H,W,3] via the Numba kernel."""
+def _rows_to_images(rows: np.ndarray, height: int, width: int, kernel: Callable) -> np.ndarray:
     if rows.ndim != 2 or rows.shape[1] != 3 * height * width:
         raise SourceError(f"expected rows of {3 * height * width} bytes, got shape {rows.shape}")
+    out = np.empty((rows.shape[0], height, width, 3), dtype=np.uint8)
+    kernel(np.ascontiguousarray(rows), height, width, out)
+    return out
+
+
+def planar_rows_to_images(rows: np.ndarray, height: int, width: int) -> np.ndarray:
+    """CIFAR rows uint8 [N, 3*H*W] (planar, row-major) -> [N,H,W,3] via the Numba kernel."""
     from .kernels import planar_to_hwc
 
-    out = np.empty((rows.shape[0], height, width, 3), dtype=np.uint8)
-    planar_to_hwc(np.ascontiguousarray(rows), height, width, out)
-    return out
+    return _rows_to_images(rows, height, width, planar_to_hwc)
 
 
 def cifar_source(name: str = "cifar10", src: Path | None = None, out: Path | None = None) -> Source:
@@ -350,13 +354,9 @@ STL_SIDE = 96
 
 def colmajor_rows_to_images(rows: np.ndarray, height: int, width: int) -> np.ndarray:
     """STL-10 rows uint8 [N, 3*H*W] (per channel, column-major) -> [N,H,W,3] via the Numba kernel."""
-    if rows.ndim != 2 or rows.shape[1] != 3 * height * width:
-        raise SourceError(f"expected rows of {3 * height * width} bytes, got shape {rows.shape}")
     from .kernels import colmajor_to_hwc
 
-    out = np.empty((rows.shape[0], height, width, 3), dtype=np.uint8)
-    colmajor_to_hwc(np.ascontiguousarray(rows), height, width, out)
-    return out
+    return _rows_to_images(rows, height, width, colmajor_to_hwc)
 
 
 def _read_stl_images(arch: _Archive, member: str, chunk: int = 4096) -> np.ndarray:

@@ -24,6 +24,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from . import Batch, LoaderConfig
+from .gpu_augment import normalize
 from .spec import RecipeSpec, ViewSpec
 
 __all__ = [
@@ -165,11 +166,8 @@ class ShardSampler(Sampler):
 def normalize_on_device(x: torch.Tensor, device: torch.device, mean: Sequence[float], std: Sequence[float],
                         channels_last: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B,3,H,W] -> normalised float on ``device``; the copy is non-blocking from pinned memory."""
-    x = x.to(device, non_blocking=True)
-    m = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    x = x.to(torch.float32).sub_(m).div_(s).to(dtype)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return normalize(x.to(device, non_blocking=True), mean, std, scale=1 / 255, out_dtype=dtype,
+                     channels_last=channels_last)
 
 
 class TorchvisionLoader:

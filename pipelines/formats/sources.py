@@ -445,6 +445,17 @@ def _read_class_list(path: str | Path) -> list[str]:
     return sorted(names)
 
 
+def _select_classes(classes_file: str | Path | None, available: list[str], where: Path) -> list[str]:
+    """The classes named in ``classes_file`` (all must be folders of ``where``), or all ``available``."""
+    if not classes_file:
+        return available
+    chosen = _read_class_list(classes_file)
+    unknown = [c for c in chosen if c not in available]
+    if unknown:
+        raise SourceError(f"--classes {classes_file}: {unknown[:5]} are not folders of {where}")
+    return chosen
+
+
 def _folder_split(split_dir: Path, classes: list[str], what: str) -> FileSplit:
     paths: list[str] = []
     labels: list[int] = []
@@ -478,12 +489,7 @@ def folder_source(src: Path | None = None, out: Path | None = None, classes_file
     all_classes = _class_dirs(splits["train"])
     if not all_classes:
         raise SourceError(f"{splits['train']}: no class folders (expected {splits['train']}/<class>/<image>)")
-    classes = all_classes
-    if classes_file:
-        classes = _read_class_list(classes_file)
-        unknown = [c for c in classes if c not in all_classes]
-        if unknown:
-            raise SourceError(f"--classes {classes_file}: {unknown[:5]} are not folders of {splits['train']}")
+    classes = _select_classes(classes_file, all_classes, splits["train"])
     if "val" in splits:
         extra = [c for c in _class_dirs(splits["val"]) if c not in all_classes]
         if extra:
@@ -543,13 +549,8 @@ def imagenet_source(src: Path | None = None, out: Path | None = None, classes_fi
     all_wnids = _class_dirs(src / "train")
     if not all_wnids:
         raise SourceError(f"{src}/train: no class folders")
-    wnids = all_wnids
-    if classes_file:
-        wnids = _read_class_list(classes_file)
-        unknown = [w for w in wnids if w not in all_wnids]
-        if unknown:
-            raise SourceError(f"--classes {classes_file}: {unknown[:5]} are not folders of {src}/train")
-    elif name == "imagenet100":
+    wnids = _select_classes(classes_file, all_wnids, src / "train")
+    if not classes_file and name == "imagenet100":
         step = max(1, len(all_wnids) // 100)
         wnids = all_wnids[::step][:100]
         log.warning("imagenet100 without --classes: using every %d-th class of %s/train (%d classes); pass "

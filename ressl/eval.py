@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config, ConfigError
+from .io import atomic_open
 
 __all__ = [
     "load_checkpoint",
@@ -313,16 +313,7 @@ def tsne_plot(
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png")
     log.info("wrote t-SNE of %d points to %s", len(x), path)
     return path

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.formats.atomic import atomic_write_json, remove_stale_temps, replace_dir
+from ressl.io import atomic_write_json, remove_stale_temps, replace_dir
 
 __all__ = [
     "DEFAULT_ROOT",

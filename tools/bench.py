@@ -69,7 +69,7 @@ for _p in (str(_TOOLS.parent), str(_TOOLS)):  # run from a checkout without inst
 from _benchdata import DEFAULT_ROOT, ensure_format, ensure_images  # noqa: E402
 
 import pipelines  # noqa: E402
-from pipelines.formats.atomic import atomic_write_bytes  # noqa: E402
+from ressl.io import atomic_write_bytes  # noqa: E402
 from pipelines.spec import RecipeSpec, get_recipe  # noqa: E402
 from ressl.config import Config, ConfigError  # noqa: E402
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.formats.atomic import atomic_write_json  # noqa: E402
+from ressl.io import atomic_write_json  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
 from ressl.config import Config  # noqa: E402
 from ressl.eval import (  # noqa: E402

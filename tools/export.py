@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.formats.atomic import atomic_open  # noqa: E402
+from ressl.io import atomic_open  # noqa: E402
 from ressl.eval import load_checkpoint  # noqa: E402
 from ressl.method import BACKBONE_PREFIX  # noqa: E402
 from ressl.models import CLASSIFIER_ATTRS, build_model  # noqa: E402

@@ -35,7 +35,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines import build_loader  # noqa: E402
-from pipelines.formats.atomic import atomic_open, atomic_write_json  # noqa: E402
+from ressl.io import atomic_open, atomic_write_json  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
 from pipelines.torchvision import build_eval_loader  # noqa: E402
 from ressl.config import Config, load_config  # noqa: E402

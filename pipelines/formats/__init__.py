@@ -7,7 +7,8 @@ Submodules import their heavy dependencies (FFCV, Pillow, scikit-learn) only whe
 * :mod:`.sources` - ``build_source`` and the dataset readers (demo, CIFAR, STL-10, ImageNet, ...)
 * :mod:`.convert` - ``convert``: a source into ImageFolder / .rec / .beton + manifest.json
 * :mod:`.kernels` - Numba kernels and the JIT switch ``set_jit_enabled``
-* :mod:`.atomic` - crash-safe file and directory replacement
+
+Crash-safe writes (temp file, fsync, rename) come from :mod:`ressl.io`, shared with checkpoints.
 """
 
-__all__ = ["atomic", "beton", "convert", "kernels", "recordio", "sources"]
+__all__ = ["beton", "convert", "kernels", "recordio", "sources"]

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("all", "convert"):
         report["convert_img_per_s"] = bench_convert(args.images, tuple(args.workers), args.repeats)
     if args.json:
-        from .atomic import atomic_write_json
+        from ressl.io import atomic_write_json
 
         atomic_write_json(args.json, report)
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .atomic import fsync_dir, temp_name
+from ressl.io import fsync_dir, temp_name
 
 __all__ = ["BETON_MODES", "BetonError", "SampleSource", "beton_fields", "write_beton"]
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import kernels
-from .atomic import AtomicFile
+from ressl.io import AtomicFile
 
 __all__ = ["Record", "RecordIOError", "RecordIOReader", "RecordIOWriter", "read_recordio", "write_recordio"]
 

@@ -1,4 +1,5 @@
-"""Crash-safe outputs for the whole project (checkpoints, logs, plots, dataset files): write under a temporary name, fsync, then rename over the final path.
+"""Crash-safe outputs for the whole project (checkpoints, logs, plots, dataset files): write under a
+temporary name, fsync, then rename over the final path.
 
 A run killed at any moment leaves either no new output or a complete one, never a truncated file
 with the final name. Temporary names carry the writer's pid (``.NAME.tmp-PID``) so a later run can

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from .batch import Batch, Loader, LoaderConfig
 from .spec import RecipeSpec, get_recipe
 
 __all__ = [
@@ -28,40 +27,6 @@ __all__ = [
 ]
 
 BACKENDS = ("torchvision", "dali", "ffcv")
-
-
-class Batch(NamedTuple):
-    """One training batch on the device: weak view for the teacher, strong views for the student."""
-
-    weak: torch.Tensor  # [B,3,H,W] float, normalised
-    strong: list[torch.Tensor]  # one [B,3,h_i,w_i] per strong view, in spec order
-    label: torch.Tensor  # [B] int64 (unused by SSL, kept for monitors and sanity checks)
-
-
-@runtime_checkable
-class Loader(Protocol):
-    """What every backend returns. ``len()`` is batches per epoch for this process."""
-
-    batch_size: int  # per process
-
-    def __iter__(self) -> Iterator[Batch]: ...
-
-    def __len__(self) -> int: ...
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Shuffle for ``epoch`` and skip the first ``start_batch`` batches (resume mid-epoch)."""
-        ...
-
-
-class LoaderConfig(Protocol):
-    """The fields of the training config a loader reads (``ressl.config.Config`` has them all)."""
-
-    data: str  # dataset directory: train/ val/ ImageFolder trees and/or train.beton, train.rec+idx
-    recipe: str  # name in pipelines.spec.PRESETS
-    batch_size: int  # global batch; each process loads batch_size // world_size
-    num_workers: int  # loader processes (torchvision) or threads (DALI, FFCV)
-    seed: int
-    channels_last: bool
 
 
 def available_backends() -> dict[str, bool]:
@@ -138,14 +103,18 @@ def build_loader(
     spec = spec or get_recipe(cfg.recipe)
     name = resolve_backend(cfg.data, backend, split)
     kwargs = dict(split=split, device=torch.device(device), rank=rank, world_size=world_size)
-    if name == "torchvision":
-        from .torchvision import build_torchvision_loader
+    threads = torch.get_num_threads()
+    try:
+        if name == "torchvision":
+            from .torchvision import build_torchvision_loader
 
-        return build_torchvision_loader(cfg, spec, **kwargs)
-    if name == "dali":
-        from .dali import build_dali_loader
+            return build_torchvision_loader(cfg, spec, **kwargs)
+        if name == "dali":
+            from .dali import build_dali_loader
 
-        return build_dali_loader(cfg, spec, **kwargs)
-    from .ffcv import build_ffcv_loader
+            return build_dali_loader(cfg, spec, **kwargs)
+        from .ffcv import build_ffcv_loader
 
-    return build_ffcv_loader(cfg, spec, **kwargs)
+        return build_ffcv_loader(cfg, spec, **kwargs)
+    finally:  # importing ffcv sets torch's intra-op threads to 1 and its Loader to num_workers: undo
+        torch.set_num_threads(threads)

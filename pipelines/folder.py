@@ -1,0 +1,182 @@
+"""The three data concepts every backend, converter and tool shares, written once.
+
+- **Class listing** of an ImageFolder tree (:func:`class_dirs`, :func:`list_files`,
+  :class:`ImageFolderFiles`): classes are the visible sub-directories sorted by name; hidden entries
+  (a leading ``.``, e.g. ``.ipynb_checkpoints``) are neither classes nor images. A tree's labels can
+  be taken from another class list (the train split's, or the manifest's ``classes``), so a val split
+  that lacks a class still gets the train labels, and a class train does not know is an error.
+- **Loading an image as RGB** (:func:`load_rgb`, :func:`decode_rgb`): every decode failure becomes a
+  :class:`BadImageError` that names the file and the reason.
+- **The per-epoch sharded order** (:func:`epoch_order`): one seeded permutation per (seed, epoch),
+  dealt to ranks as ``torch.utils.data.DistributedSampler`` deals it, so the torchvision, DALI and
+  FFCV backends visit the same samples in the same order for the same seed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "ImageFolderFiles",
+    "class_dirs",
+    "decode_rgb",
+    "epoch_order",
+    "list_files",
+    "load_rgb",
+    "shard_size",
+    "train_classes",
+]
+
+# The file suffixes ImageFolder readers treat as images (torchvision's list), compared lower-case.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class BadImageError(OSError):
+    """A file that cannot be decoded as an image; the message names the file and the reason."""
+
+
+def class_dirs(root: str | os.PathLike) -> list[str]:
+    """The class names of an ImageFolder tree: its visible sub-directories, sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    return sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+
+
+def list_files(directory: str | os.PathLike, extensions: tuple[str, ...] | None = None) -> list[str]:
+    """Every visible regular file under ``directory`` (recursive, links followed, sorted).
+
+    Args:
+        directory: a class folder.
+        extensions: keep only names ending in one of these (lower-case compare); None keeps every
+            file (the converter judges each one by its content and reports the bad ones).
+    """
+    found: list[str] = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")
+                  and (extensions is None or f.lower().endswith(extensions))]
+    return found
+
+
+def train_classes(data: str | os.PathLike, split: str = "train") -> list[str] | None:
+    """The class list labels are taken from in ``data``: the manifest's ``classes``, else the class
+    folders of ``<data>/<split>/``, else None (no class list: labels stored in a file are used as is)."""
+    data = Path(data)
+    manifest = data / "manifest.json"
+    if manifest.is_file():
+        try:
+            classes = json.loads(manifest.read_text()).get("classes")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{manifest}: unreadable manifest ({e}); rebuild it with `make dataset`") from e
+        if classes:
+            if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+                raise ValueError(f"{manifest}: 'classes' must be a list of names, got {classes!r:.80}")
+            return list(classes)
+    if (data / split).is_dir():
+        return class_dirs(data / split) or None
+    return None
+
+
+class ImageFolderFiles:
+    """The (path, label) list of an ImageFolder tree.
+
+    Args:
+        root: the tree, ``root/<class>/**/<image>``.
+        classes: the class list labels index into (the train split's); None = this tree's own
+            classes. A class folder of ``root`` missing from ``classes`` is an error naming it; a
+            class of ``classes`` with no folder here simply has no samples.
+        extensions: image suffixes to keep (None = every visible file).
+    """
+
+    def __init__(self, root: str | os.PathLike, classes: list[str] | None = None,
+                 extensions: tuple[str, ...] | None = IMAGE_EXTENSIONS):
+        self.root = Path(root)
+        present = class_dirs(self.root)
+        if not present:
+            raise FileNotFoundError(f"image folder {str(self.root)!r} has no class sub-directories")
+        if classes is None:
+            classes = present
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            raise ValueError(f"image folder {str(self.root)!r}: class folder(s) {unknown[:5]} are not in the train "
+                             f"class list ({len(classes)} classes: {classes[:5]}...)")
+        self.classes = list(classes)
+        self.samples: list[tuple[str, int]] = []
+        for label, c in enumerate(self.classes):
+            if (self.root / c).is_dir():
+                self.samples += [(p, label) for p in list_files(self.root / c, extensions)]
+        if not self.samples:
+            what = "files" if extensions is None else f"images ({', '.join(extensions)})"
+            raise FileNotFoundError(f"image folder {str(self.root)!r} has no {what}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _to_rgb(f, name: str) -> Image.Image:
+    try:
+        img = Image.open(f)
+        img.load()
+        return img.convert("RGB") if img.mode != "RGB" else img
+    except UnidentifiedImageError as e:
+        raise BadImageError(f"{name}: not an image (unrecognised format)") from e
+    except _DECODE_ERRORS as e:
+        raise BadImageError(f"{name}: truncated or corrupt image: {e}") from e
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` to an RGB PIL image (CMYK, grey, palette, PNG named .jpg convert).
+
+    Raises:
+        BadImageError: empty, truncated, corrupt or not an image (the message names the file).
+    """
+    name = os.fsdecode(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadImageError(f"{name}: unreadable: {e.strerror or e}") from e
+    return decode_rgb(data, name)
+
+
+def decode_rgb(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode encoded image bytes to RGB; ``name`` (a file, or record N of a file) goes in the error."""
+    if not data:
+        raise BadImageError(f"{name}: empty file (0 bytes)")
+    return _to_rgb(io.BytesIO(data), name)
+
+
+def shard_size(n: int, world_size: int, drop_last: bool = True) -> int:
+    """Samples per rank per epoch: ``n // world_size`` (drop_last) or ``ceil(n / world_size)`` (padded)."""
+    return n // world_size if drop_last else -(-n // world_size)
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                drop_last: bool = True) -> np.ndarray:
+    """This rank's sample indices for ``epoch``, in visiting order (int64).
+
+    One permutation of ``range(n)`` per (seed, epoch), shared by all ranks, then dealt as
+    ``DistributedSampler`` deals it: truncated (``drop_last``) or padded by wrapping to a multiple of
+    ``world_size``, rank ``r`` taking positions ``r, r + world_size, ...``. Every rank gets the same
+    count; across ranks an epoch holds every sample once (padding repeats a few).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"epoch_order: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if n < world_size:
+        raise ValueError(f"epoch_order: {n} samples are too few for {world_size} process(es)")
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n, dtype=np.int64)
+    total = shard_size(n, world_size, drop_last) * world_size
+    if total > n:
+        order = np.concatenate([order, order[: total - n]])
+    return order[:total][rank::world_size].astype(np.int64, copy=False)

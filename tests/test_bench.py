@@ -150,10 +150,10 @@ def test_a_backend_changing_torch_threads_is_undone(cache, monkeypatch):
 
 
 def test_unavailable_model_step_is_an_error_row(cache, monkeypatch):
-    def broken(self, cfg, device):
+    def broken(self, cfg, accelerator):
         raise ImportError("no ressl.method here")
 
-    monkeypatch.setattr(bench.TrainStep, "__init__", broken)
+    monkeypatch.setattr(bench.ModelStep, "__init__", broken)
     rep = bench.main([*TINY, "--backend", "torchvision", "--bench-dir", str(cache)])
     for backend, mode in (("synthetic", "model"), ("torchvision", "end_to_end")):
         r = _row(rep, backend, mode)

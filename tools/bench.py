@@ -60,6 +60,8 @@ from typing import Any
 
 import psutil
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 _TOOLS = Path(__file__).resolve().parent
 for _p in (str(_TOOLS.parent), str(_TOOLS)):  # run from a checkout without installing
@@ -69,16 +71,17 @@ for _p in (str(_TOOLS.parent), str(_TOOLS)):  # run from a checkout without inst
 from _benchdata import DEFAULT_ROOT, ensure_format, ensure_images  # noqa: E402
 
 import pipelines  # noqa: E402
-from ressl.io import atomic_write_bytes  # noqa: E402
 from pipelines.spec import RecipeSpec, get_recipe  # noqa: E402
 from ressl.config import Config, ConfigError  # noqa: E402
+from ressl.io import atomic_write_bytes  # noqa: E402
+from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision  # noqa: E402
 
 __all__ = [
     "MODES",
     "ROW_FIGURES",
     "SYNTHETIC",
     "BenchError",
-    "TrainStep",
+    "ModelStep",
     "build_parser",
     "format_table",
     "machine_info",
@@ -202,8 +205,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.workers = _cores()
     if args.size is None:
         args.size = 32 if args.model.endswith("_cifar") else 224
-    if args.precision == "auto":
-        args.precision = "bf16" if device.type == "cuda" else "no"
+    args.precision = resolve_precision(args.precision, device)
     for name in ("batch", "steps", "repeats", "size", "num_images"):
         if getattr(args, name) <= 0:
             raise BenchError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -467,45 +469,40 @@ def _profile(step: Callable[[], int], *, steps: int, device: torch.device, path:
 # ---------------------------------------------------------------------------------------------------
 # the training step, loaders and runners
 # ---------------------------------------------------------------------------------------------------
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+def fresh_accelerator(precision: str, device: torch.device) -> Accelerator:
+    """An Accelerator for one bench run on ``device``.
+
+    Accelerate keeps one state per process and refuses another precision (or keeps the first device)
+    for a later Accelerator; a bench may run in a process that trained before (the tests), so the state
+    is cleared first, as accelerate's own test suite does between cases, and :func:`run` clears it again
+    when it ends.
+    """
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Accelerate places a single process on the current CUDA device
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    if accelerator.device.type != device.type:
+        raise RuntimeError(f"Accelerate chose {accelerator.device}, the bench asked for {device}")
+    return accelerator
 
 
-class TrainStep:
-    """One ReSSL optimiser step as tools/train.py takes it: autocast forward, backward, SGD, EMA + queue.
+class ModelStep:
+    """The training step of tools/train.py (:class:`ressl.step.TrainStep`) at the config's constant EMA
+    momentum and no InfoNCE warm-up: model, optimiser and step built exactly as training builds them.
 
     Args:
-        cfg: the run's Config (backbone, heads, queue, lr, weight decay, momentum, precision, compile).
-        device: where the model lives.
+        cfg: the run's Config (backbone, heads, queue, lr, weight decay, momentum, channels_last, compile).
+        accelerator: the bench run's Accelerator (precision, device, fp16 loss scaling).
     """
 
-    def __init__(self, cfg: Config, device: torch.device):
-        from ressl.method import ReSSL
-
-        self.cfg, self.device = cfg, device
-        model = ReSSL.from_config(cfg).to(device)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            # The encoders, not the whole model: torch 2.14.1's inductor, given all of ReSSL.forward
-            # (teacher under no_grad, zero-weight terms under no_grad), returned a loss without grad_fn.
-            model.student.compile()
-            model.teacher.compile()
-        self.model = model
-        self.optimizer = torch.optim.SGD(model.param_groups(cfg.weight_decay), lr=cfg.lr * cfg.batch_size / 256,
-                                         momentum=cfg.sgd_momentum)
-        self.dtype = _DTYPES.get(cfg.precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    def __init__(self, cfg: Config, accelerator: Accelerator):
+        model = build_model(cfg, accelerator.device)
+        optimizer = build_optimizer(model, cfg)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        self.step, self.momentum = TrainStep(model, optimizer, accelerator), cfg.momentum
 
     def __call__(self, weak: torch.Tensor, strong: list[torch.Tensor]) -> None:
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
-            loss, _ = self.model(weak, strong, infonce_weight=0.0)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.model.update(self.cfg.momentum)
+        self.step(weak, strong, momentum=self.momentum)
 
 
 def _endless(loader: pipelines.Loader) -> Iterator[pipelines.Batch]:
@@ -555,7 +552,7 @@ def _check_batch(batch: pipelines.Batch, spec: RecipeSpec, batch_size: int, back
 class _LoaderRunner:
     """``step()`` takes one batch from the loader (and, with ``train``, trains on it)."""
 
-    def __init__(self, loader: pipelines.Loader, train: TrainStep | None = None):
+    def __init__(self, loader: pipelines.Loader, train: ModelStep | None = None):
         self.batches = _endless(loader)
         self.train = train
         self.wait_s = 0.0
@@ -575,7 +572,7 @@ class _LoaderRunner:
 class _SyntheticRunner:
     """``step()`` trains on fixed random device tensors shaped like the recipe's views."""
 
-    def __init__(self, train: TrainStep, spec: RecipeSpec, batch: int, device: torch.device, channels_last: bool):
+    def __init__(self, train: ModelStep, spec: RecipeSpec, batch: int, device: torch.device, channels_last: bool):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         g = torch.Generator(device="cpu").manual_seed(0)
         views = [torch.randn(batch, 3, v.size, v.size, generator=g).to(device, memory_format=fmt)
@@ -649,7 +646,8 @@ class _Bench:
         base = get_recipe(args.recipe)
         self.spec = base if base.weak.size == args.size else base.with_size(args.size)
         self.n_strong = len(self.spec.strong)
-        self.steps: dict[int, TrainStep | str] = {}  # batch -> step, or why it cannot be built
+        self.steps: dict[int, ModelStep | str] = {}  # batch -> step, or why it cannot be built
+        self._accelerator: Accelerator | None = None
 
     def _reset_peak(self) -> None:
         if self.device.type == "cuda":
@@ -659,12 +657,15 @@ class _Bench:
         w = "" if workers is None else f"-w{workers}"
         return Path(self.args.profile) / f"{mode}-{backend}-{self.args.model}-b{batch}{w}.json"
 
-    def train_step(self, batch: int) -> TrainStep | str:
-        """The TrainStep for ``batch`` (built once), or the reason it cannot be built."""
+    def train_step(self, batch: int) -> ModelStep | str:
+        """The training step for ``batch`` (built once), or the reason it cannot be built."""
         if batch not in self.steps:
             torch.manual_seed(self.args.seed)
             try:
-                self.steps[batch] = TrainStep(_config(self.args, self.data, batch, self.args.workers), self.device)
+                if self._accelerator is None:
+                    self._accelerator = fresh_accelerator(self.args.precision, self.device)
+                self.steps[batch] = ModelStep(_config(self.args, self.data, batch, self.args.workers),
+                                              self._accelerator)
             except (ImportError, AttributeError, ConfigError, RuntimeError, ValueError, TypeError) as e:
                 log.warning("model %s at batch %d unavailable: %s", self.args.model, batch, e)
                 self.steps[batch] = f"model step unavailable: {_short(e)}"
@@ -766,6 +767,13 @@ def _prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[s
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every requested row and return the report (see the module docstring for its shape)."""
+    try:
+        return _run(args)
+    finally:  # the run's Accelerator state must not become the next Accelerator's in this process
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     if args.threads is not None:

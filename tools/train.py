@@ -35,13 +35,14 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines import build_loader  # noqa: E402
-from ressl.io import atomic_open, atomic_write_json  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
 from pipelines.torchvision import build_eval_loader  # noqa: E402
 from ressl.config import Config, load_config  # noqa: E402
 from ressl.ema import momentum_at  # noqa: E402
 from ressl.eval import extract_features, knn_accuracy  # noqa: E402
+from ressl.io import atomic_open, atomic_write_json  # noqa: E402
 from ressl.method import ReSSL, infonce_weight  # noqa: E402
+from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -160,9 +161,7 @@ class RunLog:
 def main(cfg: Config) -> dict[str, Any]:
     """Train with ``cfg``; returns the summary that is also written to runs/NAME/summary.json."""
     # --- accelerator + seeds --------------------------------------------------------------------------
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "no"  # CPU bf16 autocast is ~14x slower here
+    precision = resolve_precision(cfg.precision)  # auto: bf16 on CUDA, float32 on CPU
     # broadcast_buffers=False: DDP must not overwrite the queue and teacher buffers from rank 0 each step
     # (the queue is kept identical by the all-gather in push; BN buffers stay per-process as in the paper).
     accelerator = Accelerator(
@@ -178,10 +177,8 @@ def main(cfg: Config) -> dict[str, Any]:
         logging.getLogger().setLevel(logging.WARNING)  # one process speaks
 
     # --- data -----------------------------------------------------------------------------------------
-    threads = torch.get_num_threads()
     loader = build_loader(cfg, cfg.backend, split=cfg.train_split, device=device,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
-    torch.set_num_threads(threads)  # importing / building FFCV resets torch's intra-op threads
     steps_per_epoch = len(loader)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -190,23 +187,16 @@ def main(cfg: Config) -> dict[str, Any]:
              precision)
 
     # --- model ----------------------------------------------------------------------------------------
-    model = ReSSL.from_config(cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg, device)  # channels_last and compiled encoders as the config asks
 
     # --- optimiser + schedule ---------------------------------------------------------------------------
-    lr = cfg.lr * cfg.batch_size / 256
-    optimizer = torch.optim.SGD(model.param_groups(cfg.weight_decay), lr=lr, momentum=cfg.sgd_momentum)
+    optimizer = build_optimizer(model, cfg)  # SGD, lr = cfg.lr * batch_size / 256
     # stepped by hand once per optimiser step (accelerate.prepare would step it once per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_epochs * steps_per_epoch,
                                                                        total_steps))
-    if cfg.compile:
-        # compile the encoders in place: parameter names (EMA pairing, checkpoints) stay the same, and the
-        # Python branches of ReSSL.forward on the InfoNCE weight never reach the compiler
-        model.student.compile()
-        model.teacher.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
-    core: ReSSL = accelerator.unwrap_model(model)
+    train_step = TrainStep(model, optimizer, accelerator, scheduler)  # the step tools/bench.py times too
+    core: ReSSL = train_step.core
 
     # --- resume -----------------------------------------------------------------------------------------
     ckpt_path = run_dir / "last.pt"
@@ -255,7 +245,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
     # --- loop -------------------------------------------------------------------------------------------
     losses: list[float] = []
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    nonfinite = train_step.nonfinite  # on device, set in place by the step once a loss is NaN/inf
     images_per_step = cfg.batch_size * (1 + len(get_recipe(cfg.recipe).strong))
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True,
                unit="step")
@@ -268,14 +258,8 @@ def main(cfg: Config) -> dict[str, Any]:
             w_nce = infonce_weight(epoch + batch_idx / steps_per_epoch, cfg.warmup_infonce_epochs,
                                    cfg.infonce_blend_epochs)
             m = momentum_at(step, total_steps, cfg.momentum, cfg.momentum_schedule)
-            with accelerator.autocast():
-                loss, metrics = model(batch.weak, batch.strong, infonce_weight=w_nce)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            core.update(m)  # EMA teacher (backbone + head) then enqueue the all-gathered teacher keys
-            nonfinite |= ~torch.isfinite(loss.detach())  # on device: no host sync here
+            # autocast forward, backward, SGD + lr step, zero_grad, EMA + enqueue; no host sync
+            loss, metrics = train_step(batch.weak, batch.strong, momentum=m, infonce_weight=w_nce)
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:

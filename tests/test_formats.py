@@ -10,9 +10,13 @@ import pytest
 
 from pipelines.formats import kernels
 from pipelines.formats.recordio import (
+    MAGIC,
     RecordIOError,
     RecordIOReader,
     RecordIOWriter,
+    check_index,
+    read_index,
+    read_record,
     read_recordio,
     write_recordio,
 )
@@ -144,6 +148,47 @@ def test_recordio_reader_rejects_bad_files(tmp_path):
         RecordIOReader(rec, idx)
     with pytest.raises(FileNotFoundError, match="missing.rec"):
         RecordIOReader(tmp_path / "missing.rec")
+
+
+def test_index_helpers_shared_with_the_loaders(tmp_path):
+    """read_index / check_index / read_record: the one .idx parser and record parser (DALI uses them)."""
+    rec, idx = tmp_path / "e.rec", tmp_path / "e.idx"
+    with RecordIOWriter(rec, idx) as w:
+        w.write_many([b"abcd", b"efghij"], [1, 2], ids=[70, 3])
+    offsets = read_index(idx)
+    np.testing.assert_array_equal(offsets, [0, 36])
+    check_index(rec, offsets)
+    data = np.memmap(rec, dtype=np.uint8, mode="r")
+    first, second = read_record(data, 0), read_record(data, int(offsets[1]))
+    assert (first.payload, first.label, first.id) == (b"abcd", 1.0, 70)
+    assert (second.payload, second.id) == (b"efghij", 3)
+    assert struct.unpack_from("<I", rec.read_bytes(), 36)[0] == MAGIC
+    assert idx.read_text() == "0\t0\n1\t36\n"  # keys are record numbers whatever the ids
+    with pytest.raises(RecordIOError, match="do not start a record"):
+        check_index(rec, np.array([0, 8]))
+    with pytest.raises(RecordIOError, match="points at byte 4000"):
+        check_index(rec, np.array([0, 4000]))
+    with pytest.raises(RecordIOError, match="bad magic .* at byte 4"):
+        read_record(data, 4, "e.rec record 9")
+    (tmp_path / "blank.idx").write_text("\n\n")
+    with pytest.raises(RecordIOError, match="is empty"):
+        read_index(tmp_path / "blank.idx")
+    (tmp_path / "x.idx").write_text("a\t0\n")
+    with pytest.raises(RecordIOError, match=r"x.idx:1: expected"):
+        read_index(tmp_path / "x.idx")
+    with pytest.raises(FileNotFoundError, match="nope.idx"):
+        read_index(tmp_path / "nope.idx")
+
+
+def test_recordio_module_imports_no_numba():
+    """The loaders import recordio for the index and magic; Numba stays a writer-only import."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipelines.formats.recordio as r; r.read_index; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_recordio_failure_leaves_no_file(tmp_path):

@@ -135,6 +135,28 @@ def test_numba_and_torch_paths_agree_on_random_params(images):
     assert (a - b).abs().max().item() < 1.0 / (255 * 0.224)
 
 
+def test_one_jit_switch_runs_the_augment_kernels_as_python(images):
+    """set_jit_enabled(False) (the switch of pipelines.formats.kernels) runs the whole fused kernel,
+    helpers included, as Python: the same outputs as compiled, and no Numba dispatcher is called."""
+    from pipelines import augment_kernels
+    from pipelines.formats import kernels
+
+    spec = get_recipe("stl96")
+    view = dataclasses.replace(spec.strong[0], size=H, blur_kernel=5, solarize_p=0.5)
+    params = ga.sample_view_params(view, 2, torch.Generator().manual_seed(5))
+    small = images[:2].contiguous()
+    compiled = ga.augment_view(small, view, spec.mean, spec.std, params=params, impl="numba")
+    python = augment_kernels.augment_sample.python
+    assert all(not hasattr(python.__globals__[n], "signatures") for n in ("_jitter_row", "_blur_rows"))
+    before = kernels.jit_enabled()
+    kernels.set_jit_enabled(False)
+    try:
+        plain = ga.augment_view(small, view, spec.mean, spec.std, params=params, impl="numba")
+    finally:
+        kernels.set_jit_enabled(before)
+    assert (plain - compiled).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("impl", ["numba", "torch"])
 def test_random_op_rates_match_probabilities(impl):
     """Over 3000 samples: flip, grayscale and blur rates within 4 sigma of the spec's p."""

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
+from .recordio import IR_HEADER_SIZE, MAGIC
 
 __all__ = ["bench_convert", "bench_kernels", "make_jpeg_tree"]
 
@@ -99,8 +100,8 @@ def _frame_with_struct(payloads: list[bytes]) -> bytes:
     """The plain-Python way: struct-packed headers and padding joined with the payloads."""
     parts = []
     for i, p in enumerate(payloads):
-        size = len(p) + kernels.IR_HEADER_SIZE
-        parts += [struct.pack("<IIIfQQ", kernels.RECORD_MAGIC, size, 0, 0.0, i, 0), p, b"\0" * (-size % 4)]
+        size = len(p) + IR_HEADER_SIZE
+        parts += [struct.pack("<IIIfQQ", MAGIC, size, 0, 0.0, i, 0), p, b"\0" * (-size % 4)]
     return b"".join(parts)
 
 

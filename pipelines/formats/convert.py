@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels
 from ressl.io import atomic_write_json, fsync_dir, remove_stale_temps, replace_dir, temp_name
+
+from . import kernels
 from .sources import ArraySplit, FileSplit, Source, SourceError
 
 __all__ = ["FORMATS", "ConvertError", "ConvertOptions", "convert", "inspect_image", "load_manifest"]

@@ -1,9 +1,12 @@
-"""Numba kernels for the loops of dataset conversion that Python would run per pixel or per record.
+"""Numba kernels for the loops of dataset conversion that Python would run per pixel or per record,
+and the one JIT switch of every Numba kernel in ``pipelines`` (these and :mod:`pipelines.augment_kernels`).
 
-Each kernel is a small module-level function on plain NumPy arrays, compiled with ``numba.njit``.
-The public names dispatch to the compiled version, or to the very same Python function when JIT is
-off, so a kernel can be stepped through in a debugger (like FFCV's ``Compiler.set_enabled``):
-``set_jit_enabled(False)`` at run time, or ``RESSL_NUMBA_JIT=0`` in the environment before import.
+Each kernel is a small module-level function on plain NumPy arrays, wrapped by :func:`kernel`: a
+call runs the compiled version, or, with JIT off, the very same Python function, so a kernel can be
+stepped through in a debugger (like FFCV's ``Compiler.set_enabled``). Kernels that call other kernels
+call the compiled ones when compiled and the Python ones when not. The switch:
+``set_jit_enabled(False)`` at run time, ``RESSL_NUMBA_JIT=0`` in the environment before import, or
+``tools/dataset.py --no-jit``.
 
 Kernels:
   * :func:`planar_to_hwc` - CIFAR rows (R plane, G plane, B plane; each row-major) -> [N,H,W,C].
@@ -18,17 +21,20 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import types
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numba
 import numpy as np
 
+from .recordio import IR_HEADER_SIZE, MAGIC
+
 __all__ = [
-    "RECORD_MAGIC",
-    "IR_HEADER_SIZE",
+    "Kernel",
     "colmajor_to_hwc",
     "jit_enabled",
+    "kernel",
     "pack_records",
     "planar_to_hwc",
     "record_offsets",
@@ -36,12 +42,7 @@ __all__ = [
     "set_jit_enabled",
 ]
 
-RECORD_MAGIC = 0xCED7230A  # first word of every MXNet RecordIO record
-IR_HEADER_SIZE = 24  # uint32 flag, float32 label, uint64 id, uint64 id2
-
 _JIT = os.environ.get("RESSL_NUMBA_JIT", "1").strip().lower() not in ("0", "false", "no", "off")
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def set_jit_enabled(enabled: bool) -> None:
@@ -55,20 +56,54 @@ def jit_enabled() -> bool:
     return _JIT
 
 
-def _kernel(fn: F, cache: bool = True) -> F:
-    """Compile ``fn`` lazily and dispatch on the JIT switch; ``.py_func`` and ``.jit`` stay reachable.
+class Kernel:
+    """A Numba kernel behind the JIT switch: ``kernel(*args)`` runs ``.jit`` or ``.python``.
 
-    ``cache=False`` for kernels that call ctypes functions (Numba cannot cache those).
+    ``.py_func`` is the function as written; ``.jit`` (compiled on first use) and ``.python`` are
+    copies of it whose calls to other kernels go to their compiled or Python versions respectively,
+    so a kernel calling kernels is compiled as a whole or runs as Python as a whole.
     """
-    compiled = numba.njit(cache=cache, nogil=True)(fn)
 
-    @functools.wraps(fn)
-    def dispatch(*args: Any) -> Any:
-        return compiled(*args) if _JIT else fn(*args)
+    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+        functools.update_wrapper(self, fn)
+        self.py_func = fn
+        self._options = options
+        self._jit: Callable[..., Any] | None = None
+        self._python: Callable[..., Any] | None = None
 
-    dispatch.py_func = fn  # type: ignore[attr-defined]
-    dispatch.jit = compiled  # type: ignore[attr-defined]
-    return dispatch  # type: ignore[return-value]
+    def _bound(self, variant: str) -> Callable[..., Any]:
+        fn = self.py_func
+        env = dict(fn.__globals__)
+        for name in fn.__code__.co_names:  # only the kernels this one calls
+            callee = env.get(name)
+            if isinstance(callee, Kernel) and callee is not self:
+                env[name] = getattr(callee, variant)
+        return types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+
+    @property
+    def jit(self) -> Callable[..., Any]:
+        if self._jit is None:
+            self._jit = numba.njit(**self._options)(self._bound("jit"))
+        return self._jit
+
+    @property
+    def python(self) -> Callable[..., Any]:
+        if self._python is None:
+            self._python = self._bound("python")
+        return self._python
+
+    def __call__(self, *args: Any) -> Any:
+        return self.jit(*args) if _JIT else self.python(*args)
+
+
+def kernel(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """Decorator: ``@kernel`` or ``@kernel(fastmath=True, ...)`` (``numba.njit`` options; default
+    ``cache=True, nogil=True``; ``cache=False`` for kernels that call ctypes functions, which Numba
+    cannot cache)."""
+    opts = {"cache": True, "nogil": True, **options}
+    if fn is None:
+        return lambda f: Kernel(f, **opts)
+    return Kernel(fn, **opts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +123,7 @@ def _planar_to_hwc(src: np.ndarray, height: int, width: int, out: np.ndarray) ->
                     out[i, y, x, c] = src[i, row + x]
 
 
-planar_to_hwc = _kernel(_planar_to_hwc)
+planar_to_hwc = kernel(_planar_to_hwc)
 planar_to_hwc.__doc__ = """Rows of planar, row-major images (CIFAR's ``data`` [N, C*H*W]) into ``out`` [N,H,W,C].
 
 Args:
@@ -111,7 +146,7 @@ def _colmajor_to_hwc(src: np.ndarray, height: int, width: int, out: np.ndarray) 
                     out[i, y, x, c] = src[i, col + y]
 
 
-colmajor_to_hwc = _kernel(_colmajor_to_hwc)
+colmajor_to_hwc = kernel(_colmajor_to_hwc)
 colmajor_to_hwc.__doc__ = """Rows of column-major planar images (STL-10's ``*_X.bin``) into ``out`` [N,H,W,C].
 
 Args:
@@ -131,13 +166,13 @@ def _record_offsets(payload_lengths: np.ndarray, start: int) -> np.ndarray:
     pos = start
     for i in range(n):
         offsets[i] = pos
-        body = payload_lengths[i] + 24
+        body = payload_lengths[i] + IR_HEADER_SIZE
         pos += 8 + ((body + 3) // 4) * 4
     offsets[n] = pos
     return offsets
 
 
-record_offsets = _kernel(_record_offsets)
+record_offsets = kernel(_record_offsets)
 record_offsets.__doc__ = """File offsets of records holding payloads of ``payload_lengths`` bytes.
 
 Each record is an 8-byte frame (magic, length) + 24-byte IRHeader + payload, padded to 4 bytes.
@@ -174,8 +209,8 @@ def _pack_records(
         pos = offsets[i] - base
         end = offsets[i + 1] - base
         head = out[pos : pos + 32].view(np.uint32)  # little-endian hosts, as MXNet assumes
-        head[0] = 0xCED7230A
-        head[1] = length + 24  # cflag 0 (whole record) in the top 3 bits
+        head[0] = MAGIC
+        head[1] = length + IR_HEADER_SIZE  # cflag 0 (whole record) in the top 3 bits
         head[2] = 0  # IRHeader.flag: 0 = the single float label that follows
         head[3] = label_bits[i]
         head[4] = ids[i] & 0xFFFFFFFF
@@ -187,7 +222,7 @@ def _pack_records(
         out[q + length : end] = 0
 
 
-pack_records = _kernel(_pack_records, cache=False)
+pack_records = kernel(_pack_records, cache=False)
 pack_records.__doc__ = """Frame N payloads as MXNet records into ``out`` (sized by :func:`record_offsets`).
 
 Args:
@@ -221,7 +256,7 @@ def _resize_plan(widths: np.ndarray, heights: np.ndarray, max_side: int) -> np.n
     return out
 
 
-resize_plan = _kernel(_resize_plan)
+resize_plan = kernel(_resize_plan)
 resize_plan.__doc__ = """Target (width, height) per image: the longer side shrunk to ``max_side``, aspect kept.
 
 Images already within ``max_side`` (or ``max_side <= 0``) keep their size; none is enlarged.

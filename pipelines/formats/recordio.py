@@ -2,16 +2,19 @@
 
 Layout of one record (all little-endian)::
 
-    uint32 magic 0xced7230a
+    uint32 magic 0xced7230a                       (:data:`MAGIC`)
     uint32 lrecord = cflag << 29 | length          (cflag 0: the record is whole)
     IRHeader: uint32 flag, float32 label, uint64 id, uint64 id2      (flag 0: one float label)
     image bytes (JPEG or PNG)                     length = 24 + len(image bytes)
     zero padding to a multiple of 4 bytes
 
-The ``.idx`` file has one ``"<index>\\t<byte offset>\\n"`` line per record. Records are framed in
-chunks by Numba kernels (:mod:`.kernels`) into one preallocated buffer per chunk, then written with a
-single ``write`` call. Both files are written under temporary names, fsynced and renamed, so a killed
-run leaves either the previous files or complete new ones.
+The ``.idx`` file has one ``"<index>\\t<byte offset>\\n"`` line per record. This module is the one
+place that knows the layout: the magic word, the index format (:func:`read_index`,
+:func:`check_index`) and the record parser (:func:`read_record`) are used by the DALI loader too, and
+it imports no Numba at module level so that loaders can use it cheaply. Records are framed in chunks
+by Numba kernels (:mod:`.kernels`) into one preallocated buffer per chunk, then written with a single
+``write`` call. Both files are written under temporary names, fsynced and renamed, so a killed run
+leaves either the previous files or complete new ones.
 """
 
 from __future__ import annotations
@@ -24,11 +27,26 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import kernels
 from ressl.io import AtomicFile
 
-__all__ = ["Record", "RecordIOError", "RecordIOReader", "RecordIOWriter", "read_recordio", "write_recordio"]
+__all__ = [
+    "IR_HEADER_SIZE",
+    "MAGIC",
+    "MAGIC_CHECKS",
+    "Record",
+    "RecordIOError",
+    "RecordIOReader",
+    "RecordIOWriter",
+    "check_index",
+    "read_index",
+    "read_record",
+    "read_recordio",
+    "write_recordio",
+]
 
+MAGIC = 0xCED7230A  # first word of every MXNet RecordIO record
+IR_HEADER_SIZE = 24  # uint32 flag, float32 label, uint64 id, uint64 id2
+MAGIC_CHECKS = 4096  # records whose magic word check_index reads (evenly spaced, plus the last)
 _FRAME = struct.Struct("<II")
 _IR_HEADER = struct.Struct("<IfQQ")
 
@@ -38,12 +56,109 @@ class RecordIOError(ValueError):
 
 
 class Record(NamedTuple):
-    """One record: the image bytes, its label (first label when the header holds several), its id."""
+    """One record: the image bytes, its label (first label when the header holds several), its id.
+
+    Our writer stores in ``id`` the sample's index in its source split (before the shuffle), so a
+    record can be traced back to the file it came from.
+    """
 
     payload: bytes
     label: float
     id: int
     labels: tuple[float, ...]
+
+
+def read_index(idx_path: str | os.PathLike) -> np.ndarray:
+    """Byte offsets of the records listed in ``idx_path`` (int64 [N], in file order).
+
+    Raises:
+        FileNotFoundError: no such index.
+        RecordIOError: a line that is not ``<integer key><whitespace><integer offset>`` (file:line named),
+            or an index without records.
+    """
+    idx_path = Path(idx_path)
+    if not idx_path.is_file():
+        raise FileNotFoundError(f"RecordIO index {str(idx_path)!r} does not exist")
+    offsets = []
+    with open(idx_path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise RecordIOError(f"{idx_path}:{lineno}: expected '<index>\\t<offset>' (two integers), got {line!r}")
+            offsets.append(int(parts[1]))
+    if not offsets:
+        raise RecordIOError(f"RecordIO index {str(idx_path)!r} is empty")
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def check_index(rec_path: str | os.PathLike, offsets: np.ndarray, probes: int = MAGIC_CHECKS) -> None:
+    """Check that ``offsets`` index ``rec_path``: inside the file, and records start where they point.
+
+    Up to ``probes`` evenly spaced offsets plus the last are read (one random read each: seconds at
+    most on ImageNet); an index written for another ``.rec`` fails on nearly every one of them.
+
+    Raises:
+        RecordIOError: naming both files and the first offset that does not start a record.
+    """
+    rec_path = Path(rec_path)
+    size = rec_path.stat().st_size
+    if offsets.size == 0:
+        raise RecordIOError(f"no records to check in {str(rec_path)!r}")
+    last = int(offsets.max())
+    if last + 8 > size:
+        raise RecordIOError(f"the index of {str(rec_path)!r} points at byte {last} but the file has only {size} "
+                            "bytes: the .idx belongs to another .rec")
+    data = np.memmap(rec_path, dtype=np.uint8, mode="r")
+    n = offsets.shape[0]
+    probe = np.unique(np.r_[np.linspace(0, n - 1, min(probes, n)).astype(np.int64), n - 1])
+    words = data[offsets[probe][:, None] + np.arange(4)].astype(np.uint32)
+    magic = words[:, 0] | (words[:, 1] << 8) | (words[:, 2] << 16) | (words[:, 3] << 24)
+    bad = probe[magic != MAGIC]
+    if bad.size:
+        raise RecordIOError(f"{len(bad)} of {len(probe)} checked offsets of {str(rec_path)!r} do not start a "
+                            f"record (first: byte {int(offsets[bad[0]])}): the .idx belongs to another .rec")
+
+
+def _frame(data: np.ndarray, pos: int, where: str) -> int:
+    """Payload length of the record framed at ``pos`` (checked magic and whole-record flag)."""
+    if pos + 8 > data.shape[0]:
+        raise RecordIOError(f"{where}: record at byte {pos} runs past the end of the file")
+    magic, lrecord = _FRAME.unpack(data[pos : pos + 8].tobytes())
+    if magic != MAGIC:
+        raise RecordIOError(f"{where}: bad magic {magic:#010x} at byte {pos} (expected {MAGIC:#010x})")
+    cflag, length = lrecord >> 29, lrecord & ((1 << 29) - 1)
+    if cflag != 0:
+        raise RecordIOError(f"{where}: split record (cflag={cflag}) at byte {pos}; only whole records are supported")
+    return length
+
+
+def read_record(data: np.ndarray, offset: int, where: str = "RecordIO") -> Record:
+    """Parse the record at byte ``offset`` of ``data`` (the ``.rec`` as uint8, e.g. a ``np.memmap``).
+
+    Args:
+        data: the whole file's bytes.
+        offset: where the record starts (from the ``.idx``).
+        where: how errors name the file (and record), e.g. ``"train.rec record 12"``.
+
+    Raises:
+        RecordIOError: bad magic, a split record, or a record that runs past the end of the file.
+    """
+    length = _frame(data, offset, where)
+    if offset + 8 + length > data.shape[0] or length < IR_HEADER_SIZE:
+        raise RecordIOError(f"{where}: record at byte {offset} is truncated")
+    body = data[offset + 8 : offset + 8 + length].tobytes()
+    flag, label, rid, _ = _IR_HEADER.unpack_from(body)
+    start = IR_HEADER_SIZE
+    labels: tuple[float, ...] = (label,)
+    if flag > 0:  # MXNet multi-label: `flag` floats follow the header and replace `label`
+        if start + 4 * flag > length:
+            raise RecordIOError(f"{where}: record at byte {offset} declares {flag} labels but is too short")
+        labels = struct.unpack_from(f"<{flag}f", body, start)
+        start += 4 * flag
+        label = labels[0]
+    return Record(body[start:], float(label), int(rid), tuple(float(v) for v in labels))
 
 
 class RecordIOWriter:
@@ -65,16 +180,28 @@ class RecordIOWriter:
         self._buffer = np.empty(0, dtype=np.uint8)
         self.count = 0
 
-    def write_many(self, payloads: list[bytes], labels: Iterable[float]) -> None:
-        """Frame and append one chunk of records (images ``payloads``, float-convertible ``labels``)."""
+    def write_many(self, payloads: list[bytes], labels: Iterable[float], ids: Iterable[int] | None = None) -> None:
+        """Frame and append one chunk of records.
+
+        Args:
+            payloads: image bytes, one per record.
+            labels: float-convertible labels.
+            ids: the IRHeader ``id`` of each record (default: the running record number).
+        """
         labels_f = np.asarray(list(labels), dtype=np.float32)
         n = len(payloads)
         if labels_f.shape != (n,):
             raise ValueError(f"got {n} payloads but {labels_f.shape[0]} labels")
+        ids_i = (np.arange(self.count, self.count + n, dtype=np.int64) if ids is None
+                 else np.asarray(list(ids), dtype=np.int64))
+        if ids_i.shape != (n,):
+            raise ValueError(f"got {n} payloads but {ids_i.shape[0]} ids")
         if n == 0:
             return
+        from . import kernels  # Numba: imported by writers only
+
         lengths = np.fromiter((len(p) for p in payloads), dtype=np.int64, count=n)
-        if lengths.max() + kernels.IR_HEADER_SIZE >= 1 << 29:
+        if lengths.max() + IR_HEADER_SIZE >= 1 << 29:
             raise ValueError(f"a record payload of {int(lengths.max())} bytes exceeds RecordIO's 512 MiB limit")
         payload_offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=payload_offsets[1:])
@@ -84,10 +211,10 @@ class RecordIOWriter:
         if self._buffer.shape[0] < size:  # grown, then reused: no fresh pages to fault in per chunk
             self._buffer = np.empty(max(size, 2 * self._buffer.shape[0]), dtype=np.uint8)
         out = self._buffer[:size]
-        ids = np.arange(self.count, self.count + n, dtype=np.int64)
-        kernels.pack_records(payload, payload_offsets, labels_f.view(np.uint32), ids, offsets, out)
+        kernels.pack_records(payload, payload_offsets, labels_f.view(np.uint32), ids_i, offsets, out)
         self._rec.write(out)
-        self._idx.write("".join(f"{i}\t{o}\n" for i, o in zip(ids.tolist(), offsets[:-1].tolist())).encode())
+        keys = range(self.count, self.count + n)  # .idx keys: the record number, whatever the ids
+        self._idx.write("".join(f"{k}\t{o}\n" for k, o in zip(keys, offsets[:-1].tolist())).encode())
         self._offset = int(offsets[-1])
         self.count += n
 
@@ -151,40 +278,14 @@ class RecordIOReader:
             raise FileNotFoundError(f"RecordIO file {str(self.rec_path)!r} does not exist")
         self._data = np.memmap(self.rec_path, dtype=np.uint8, mode="r") if self.rec_path.stat().st_size else (
             np.zeros(0, dtype=np.uint8))
-        self.offsets = self._read_idx(Path(idx_path)) if idx_path is not None else self._scan()
-
-    def _read_idx(self, idx_path: Path) -> np.ndarray:
-        if not idx_path.is_file():
-            raise FileNotFoundError(f"RecordIO index {str(idx_path)!r} does not exist")
-        offsets = []
-        with open(idx_path) as f:
-            for lineno, line in enumerate(f, 1):
-                parts = line.split()
-                if len(parts) != 2 or not parts[1].isdigit():
-                    raise RecordIOError(f"{idx_path}:{lineno}: expected '<index>\\t<offset>', got {line!r}")
-                offsets.append(int(parts[1]))
-        return np.asarray(offsets, dtype=np.int64)
+        self.offsets = read_index(idx_path) if idx_path is not None else self._scan()
 
     def _scan(self) -> np.ndarray:
         offsets, pos, size = [], 0, self._data.shape[0]
         while pos < size:
             offsets.append(pos)
-            _, length = self._frame(pos)
-            pos += 8 + (length + 3) // 4 * 4
+            pos += 8 + (_frame(self._data, pos, str(self.rec_path)) + 3) // 4 * 4
         return np.asarray(offsets, dtype=np.int64)
-
-    def _frame(self, pos: int) -> tuple[int, int]:
-        if pos + 8 > self._data.shape[0]:
-            raise RecordIOError(f"{self.rec_path}: record at byte {pos} runs past the end of the file")
-        magic, lrecord = _FRAME.unpack(self._data[pos : pos + 8].tobytes())
-        if magic != kernels.RECORD_MAGIC:
-            raise RecordIOError(f"{self.rec_path}: bad magic {magic:#010x} at byte {pos} "
-                                f"(expected {kernels.RECORD_MAGIC:#010x})")
-        cflag, length = lrecord >> 29, lrecord & ((1 << 29) - 1)
-        if cflag != 0:
-            raise RecordIOError(f"{self.rec_path}: split record (cflag={cflag}) at byte {pos}; "
-                                "only whole records are supported")
-        return cflag, length
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
@@ -192,19 +293,7 @@ class RecordIOReader:
     def __getitem__(self, i: int) -> Record:
         if not -len(self) <= i < len(self):
             raise IndexError(f"record {i} out of range for {len(self)} records")
-        pos = int(self.offsets[i])
-        _, length = self._frame(pos)
-        if pos + 8 + length > self._data.shape[0] or length < _IR_HEADER.size:
-            raise RecordIOError(f"{self.rec_path}: record {i} at byte {pos} is truncated")
-        body = self._data[pos + 8 : pos + 8 + length].tobytes()
-        flag, label, rid, _ = _IR_HEADER.unpack_from(body)
-        start = _IR_HEADER.size
-        labels: tuple[float, ...] = (label,)
-        if flag > 0:  # MXNet multi-label: `flag` floats follow the header and replace `label`
-            labels = struct.unpack_from(f"<{flag}f", body, start)
-            start += 4 * flag
-            label = labels[0]
-        return Record(body[start:], float(label), int(rid), tuple(float(v) for v in labels))
+        return read_record(self._data, int(self.offsets[i]), f"{self.rec_path} record {i % len(self)}")
 
     def __iter__(self) -> Iterator[Record]:
         for i in range(len(self)):

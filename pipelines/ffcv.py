@@ -240,7 +240,9 @@ class FFCVLoader:
         self._loader.next_epoch = self._epoch
         self._generator.manual_seed((self.seed * 1_000_003 + self.rank) * 10_007 + self._epoch)
         self._epoch += 1
+        threads = torch.get_num_threads()
         epoch_iter = iter(self._loader)  # draws this epoch's order, which consumes the skip
+        torch.set_num_threads(threads)  # FFCV's __iter__ sets torch's intra-op threads to its num_workers
         self._order.skip = 0
         try:
             for out in epoch_iter:

@@ -137,13 +137,15 @@ def test_failing_backend_is_reported_and_the_run_goes_on(cache, monkeypatch):
 
 
 def test_a_backend_changing_torch_threads_is_undone(cache, monkeypatch):
-    real = pipelines.build_loader
+    import pipelines.torchvision as tv
 
-    def meddling(cfg, backend="auto", **kw):
-        torch.set_num_threads(3)  # what `import ffcv` does (to 1)
-        return real(cfg, backend, **kw)
+    real = tv.build_torchvision_loader
 
-    monkeypatch.setattr(pipelines, "build_loader", meddling)
+    def meddling(*a, **kw):
+        torch.set_num_threads(3)  # what `import ffcv` does (to 1): pipelines.build_loader undoes it
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tv, "build_torchvision_loader", meddling)
     rep = bench.main([*TINY, "--backend", "torchvision", "--modes", "loader", "--bench-dir", str(cache)])
     assert _row(rep, "torchvision", "loader")["images_per_s"] > 0
     assert torch.get_num_threads() == 1 == rep["args"]["threads"]
@@ -264,10 +266,12 @@ def test_recordio_holds_the_same_jpeg_bytes(tmp_path):
 
 @pytest.mark.parametrize("backend", [b for b in ("dali", "ffcv") if pipelines.available_backends()[b]])
 def test_installed_fast_backends_measure(cache, backend):
-    rep = bench.main([*TINY, "--backend", backend, "--modes", "loader", "--workers", "1", "--bench-dir", str(cache)])
+    rep = bench.main([*TINY, "--backend", backend, "--modes", "loader", "--workers", "2", "--bench-dir", str(cache)])
     r = _row(rep, backend, "loader")
     assert "error" not in r, r.get("error")
     assert r["images_per_s"] > 0 and r["pairs_per_s"] == pytest.approx(r["images_per_s"])
+    # FFCV sets torch's threads at import (1), in Loader() and in every iter() (num_workers = 2)
+    assert torch.get_num_threads() == 1 == rep["args"]["threads"]
 
 
 def test_cuda_rows_report_device_memory(tmp_path):

@@ -710,7 +710,6 @@ class _Bench:
                 return _error_row(base, train)
         runner = None
         threads_before = set(threading.enumerate())
-        torch_threads = torch.get_num_threads()
         try:
             cfg = _config(self.args, self.data, batch, workers)
             loader = pipelines.build_loader(cfg, backend, split=self.args.split, device=self.device,
@@ -738,10 +737,6 @@ class _Bench:
                 runner.close()
             gc.collect()
             _join_producers(threads_before)
-            if torch.get_num_threads() != torch_threads:  # importing ffcv sets torch's threads to 1
-                log.info("%s changed torch's threads to %d; restoring %d", backend, torch.get_num_threads(),
-                         torch_threads)
-                torch.set_num_threads(torch_threads)
 
 
 def _prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, str]]:

@@ -33,10 +33,14 @@ def relation_loss(
     ``mean_b( -sum_j softmax(k_b . Q_j / tau_t) * log_softmax(q_b . Q_j / tau_s) )``; logits are taken
     against the queue only (no positive column), as in ReSSL.
 
+    The anchor set may also differ per row (``queue`` of shape [B, K, D]): RGRL's local loss compares
+    each node with its own diffusion neighbours, and its global loss with anchors shared by all rows.
+
     Args:
         q: [B, D] student embeddings, L2-normalised.
         k: [B, D] teacher embeddings of the weak view, L2-normalised (no gradient taken).
-        queue: [K, D] L2-normalised teacher embeddings of earlier batches (no gradient taken).
+        queue: [K, D] L2-normalised teacher embeddings of earlier batches (no gradient taken), or
+            [B, K, D] anchors of each row.
         tau_s: student temperature.
         tau_t: teacher temperature (smaller = sharper target).
 
@@ -45,13 +49,23 @@ def relation_loss(
     """
     _check("q", q)
     _check("k", k, q.shape[1])
-    _check("queue", queue, q.shape[1])
+    if queue.ndim == 3:
+        if queue.shape[0] != q.shape[0] or queue.shape[2] != q.shape[1] or k.shape[0] != q.shape[0]:
+            raise ValueError(f"per-row anchors must be [B, K, D] = [{q.shape[0]}, K, {q.shape[1]}] with k of "
+                             f"{q.shape[0]} rows; got queue {tuple(queue.shape)}, k {tuple(k.shape)}")
+    else:
+        _check("queue", queue, q.shape[1])
     with torch.autocast(device_type=q.device.type, enabled=False):
         qf, kf, bank = _fp32(q), _fp32(k).detach(), _fp32(queue).detach()
-        logits_s = qf @ bank.T / tau_s
+        logits_s = _anchor_logits(qf, bank) / tau_s
         with torch.no_grad():
-            target = F.softmax(kf @ bank.T / tau_t, dim=1)
+            target = F.softmax(_anchor_logits(kf, bank) / tau_t, dim=1)
         return -(target * F.log_softmax(logits_s, dim=1)).sum(dim=1).mean()
+
+
+def _anchor_logits(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """[B, D] x [K, D] (shared anchors) or [B, K, D] (anchors per row) -> [B, K] dot products."""
+    return x @ bank.T if bank.ndim == 2 else torch.einsum("bd,bkd->bk", x, bank)
 
 
 def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float = 0.2) -> torch.Tensor:

@@ -19,18 +19,19 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ema import ema_update_
 from .loss import infonce_loss, relation_loss, similarity_loss
 from .models import Predictor, ProjectionHead, build_backbone
-from .queue import FeatureQueue
+from .queue import FeatureQueue, gather_keys
 
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["Encoder", "ReSSL", "infonce_weight", "BACKBONE_PREFIX"]
+__all__ = ["Encoder", "ReSSL", "infonce_weight", "shuffle_permutation", "BACKBONE_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,22 @@ def infonce_weight(epoch: float, warmup_epochs: int, blend_epochs: int) -> float
     return 0.0
 
 
+def shuffle_permutation(seed: int, call: int, n: int) -> Tensor:
+    """The cross-process shuffle-BN permutation of ``n`` gathered rows for the ``call``-th teacher forward.
+
+    A pure function of its arguments, drawn on the CPU: every process computes the same permutation
+    without a broadcast, and a resumed run (which restores ``call``) repeats the same shuffles.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + call)
+    return torch.randperm(n, generator=g)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 class ReSSL(nn.Module):
     """Relational self-supervised learning with an EMA teacher and a memory queue.
 
@@ -79,17 +96,20 @@ class ReSSL(nn.Module):
         tau_s, tau_t: student / teacher temperatures of the relation loss.
         w_rel, w_sim: weights of the relation(+InfoNCE) term and of the instance term ``2 - 2 cos``.
         infonce_tau: temperature of the InfoNCE warm-up loss.
-        shuffle_bn_splits: BatchNorm statistics come from this many groups of each batch, contiguous rows
-            for the student and strided rows for the teacher (1 = off). Without it the student can match
-            the teacher through the batch's own BN statistics instead of the images, and a batch's
-            embeddings collapse onto one direction (MoCo's shuffle-BN; the official code shuffles across
-            GPUs).
+        shuffle_bn_splits: BatchNorm statistics come from this many groups of each process's batch,
+            contiguous rows for the student and strided rows for the teacher (1 = off). Without it the
+            student can match the teacher through the batch's own BN statistics instead of the images,
+            and a batch's embeddings collapse onto one direction (MoCo's shuffle-BN). With more than one
+            process the teacher's batch is also shuffled across processes first, as in the official
+            code: see :meth:`_embed_teacher`.
+        shuffle_seed: seed of the cross-process permutation (the run's seed).
 
     Attributes:
         student: :class:`Encoder` with backbone, head and optional predictor (trained).
         teacher: deep copy of the student's backbone and head, no predictor, ``requires_grad=False``.
             It follows the module's train/eval mode, so its BatchNorm uses batch statistics during
-            training, as in the paper.
+            training, as in the paper, and those forward passes keep its own running statistics (the
+            EMA averages parameters only), which an evaluated teacher uses.
         queue: :class:`~ressl.queue.FeatureQueue` of teacher embeddings.
     """
 
@@ -108,6 +128,7 @@ class ReSSL(nn.Module):
         w_sim: float,
         infonce_tau: float,
         shuffle_bn_splits: int = 2,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         for key, value in (("proj_hidden", proj_hidden), ("proj_dim", proj_dim), ("pred_hidden", pred_hidden),
@@ -127,6 +148,8 @@ class ReSSL(nn.Module):
         if shuffle_bn_splits < 1:
             raise ValueError(f"ReSSL: shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
         self.shuffle_bn_splits = shuffle_bn_splits
+        self.shuffle_seed = shuffle_seed
+        self.shuffle_calls = 0  # cross-process shuffles so far; saved as extra state so a resume repeats them
         self.w_rel, self.w_sim = w_rel, w_sim
         self._keys: Tensor | None = None
         self._last_infonce_weight: float | None = None
@@ -138,6 +161,7 @@ class ReSSL(nn.Module):
             backbone=cfg.backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, predictor=cfg.predictor,
             pred_hidden=cfg.pred_hidden, queue_size=cfg.queue_size, tau_s=cfg.tau_s, tau_t=cfg.tau_t,
             w_rel=cfg.w_rel, w_sim=cfg.w_sim, infonce_tau=cfg.infonce_tau, shuffle_bn_splits=cfg.shuffle_bn_splits,
+            shuffle_seed=cfg.seed,
         )
         model.queue.check_batch(cfg.batch_size)
         return model
@@ -161,12 +185,34 @@ class ReSSL(nn.Module):
         return min(self.shuffle_bn_splits, batch) if self.training else 1
 
     def _embed_teacher(self, weak: Tensor) -> Tensor:
-        """Teacher outputs for ``weak`` in input order, BN statistics from groups of the batch (shuffle-BN).
+        """Teacher outputs for ``weak`` in input order, BN statistics from shuffled groups (shuffle-BN).
 
-        Teacher group j holds rows j, j+n, j+2n, ... while the student's groups are contiguous, so an
-        image shares only 1/n of its BN group between the two branches (MoCo's shuffle-BN on one
-        device). The loader shuffles every epoch, so no random draw is needed and resumed runs repeat.
+        One process: teacher group j holds rows j, j+n, j+2n, ... while the student's groups are
+        contiguous, so an image shares only 1/n of its BN group between the two branches (MoCo's
+        shuffle-BN on one device). The loader shuffles every epoch, so no random draw is needed.
+
+        Several processes (training only), as the official ReSSL / MoCo ``_batch_shuffle_ddp``: all
+        processes' weak views are gathered, permuted by :func:`shuffle_permutation` (seeded, the same on
+        every process), each process embeds its slice of the permuted batch (with the strided groups
+        above), and the gathered outputs are un-permuted, so each process gets the keys of its own
+        images, computed with BN statistics of images drawn from all processes.
         """
+        world, rank = _world()
+        if world == 1 or not self.training:
+            return self._embed_teacher_local(weak)
+        b = weak.shape[0]
+        everyone = gather_keys(weak.contiguous())  # [world * b, 3, H, W]
+        if everyone.shape[0] != world * b:
+            raise RuntimeError(f"shuffle-BN needs the same batch on every process: this one has {b}, "
+                               f"{everyone.shape[0]} rows were gathered from {world} processes")
+        perm = shuffle_permutation(self.shuffle_seed, self.shuffle_calls, world * b).to(weak.device)
+        self.shuffle_calls += 1
+        mine = self._embed_teacher_local(everyone[perm.view(world, b)[rank]])
+        shuffled = gather_keys(mine.contiguous())  # row i embeds image perm[i]
+        return shuffled[torch.argsort(perm)].view(world, b, -1)[rank]
+
+    def _embed_teacher_local(self, weak: Tensor) -> Tensor:
+        """Teacher outputs for ``weak`` in input order, BN statistics from strided groups of rows."""
         n = self._bn_groups(weak.shape[0])
         if n == 1:
             return self.teacher(weak)
@@ -175,6 +221,13 @@ class ReSSL(nn.Module):
         for j, part in enumerate(parts):
             out[j::n] = part
         return out
+
+    def get_extra_state(self) -> dict[str, int]:
+        """Saved in ``state_dict()``: the count of cross-process shuffles, so a resumed run repeats them."""
+        return {"shuffle_calls": self.shuffle_calls}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.shuffle_calls = int(state["shuffle_calls"])
 
     def forward(
         self, weak: Tensor, strong: list[Tensor], infonce_weight: float = 0.0

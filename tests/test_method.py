@@ -263,3 +263,36 @@ def test_shuffle_bn_teacher_keys_stay_in_input_order_with_group_statistics():
     assert torch.allclose(out, halves, atol=1e-6)
     with pytest.raises(ValueError, match="shuffle_bn_splits"):
         _model(shuffle_bn_splits=0)
+
+
+def test_teacher_keeps_its_own_bn_statistics():
+    """The EMA averages parameters only: the teacher's running statistics come from its own forward
+    passes on the weak views (as in the official code), so an evaluated teacher uses its own."""
+    model = _model()
+    weak, strong = _views()
+    t_bn, s_bn = model.teacher.backbone.bn1, model.student.backbone.bn1
+    before = t_bn.running_mean.clone()
+    model(weak, strong)
+    after_forward = t_bn.running_mean.clone()
+    assert not torch.equal(after_forward, before)  # moved by the teacher's own train-mode forward
+    with torch.no_grad():
+        model.student.backbone.conv1.weight.mul_(3.0)
+    model.student(strong[0] + 5.0)  # moves the student's statistics far away
+    model.update(0.5)
+    assert torch.equal(t_bn.running_mean, after_forward)
+    assert not torch.allclose(t_bn.running_mean, s_bn.running_mean)
+
+
+def test_shuffle_permutation_is_seeded_and_counted_in_the_state_dict():
+    from ressl.method import shuffle_permutation
+
+    p = shuffle_permutation(3, 5, 64)
+    assert torch.equal(p, shuffle_permutation(3, 5, 64)) and sorted(p.tolist()) == list(range(64))
+    assert not torch.equal(p, shuffle_permutation(3, 6, 64)) and not torch.equal(p, shuffle_permutation(4, 5, 64))
+    model = _model(shuffle_seed=3)
+    model.shuffle_calls = 11
+    state = model.state_dict()
+    assert state["_extra_state"] == {"shuffle_calls": 11}
+    resumed = _model(shuffle_seed=3)
+    resumed.load_state_dict(state)
+    assert resumed.shuffle_calls == 11  # a resumed run draws the same permutations from here on

@@ -119,12 +119,15 @@ def _accelerate_two_cpu(args: list[str], cwd: Path) -> subprocess.CompletedProce
 
 
 def test_two_process_queue_and_teachers(image_folder, tmp_path):
-    """Two gloo processes: the queue holds both processes' keys and the teachers stay identical."""
+    """Two gloo processes: the queue holds both processes' keys, the teachers stay identical, and the
+    cross-process shuffle-BN (same seeded permutation on both, counted for resume) un-shuffles correctly."""
     r = _accelerate_two_cpu([str(ROOT / "tests" / "dist_worker.py"), str(tmp_path / "dist.json")], ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads((tmp_path / "dist.json").read_text())
     assert out["num_processes"] == 2
     assert out["queue_has_both"] and out["teachers_equal"]
+    assert out["same_permutation"] and out["shuffled_keys_match_reference"] and out["shuffle_changes_bn_groups"]
+    assert out["shuffle_calls"] == 1
 
     args = [str(ROOT / "tools" / "train.py"), *[f"data={image_folder}", f"out_dir={tmp_path}", *SMALL,
                                                 "name=two", "max_steps=3", "log_every=1"]]

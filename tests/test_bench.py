@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import _benchdata  # noqa: E402
+import _measure  # noqa: E402
 import bench  # noqa: E402
 
 import pipelines  # noqa: E402
@@ -91,7 +92,7 @@ def test_rows_have_contract_fields_and_sane_values(report, backend, mode):
     assert r["views_per_s"] == pytest.approx(2 * ips)
     # step time and rate describe the same windows: batch / mean step time is the harmonic-mean rate
     assert 4 / (r["step_ms"] / 1000) == pytest.approx(len(runs) / sum(1 / x for x in runs), rel=1e-6)
-    assert r["cpu_cores_busy"] > 0 and r["cpu_util"] == pytest.approx(r["cpu_cores_busy"] / bench._cores())
+    assert r["cpu_cores_busy"] > 0 and r["cpu_util"] == pytest.approx(r["cpu_cores_busy"] / _measure.cores())
     assert r["peak_rss_bytes"] > 50 * 2**20
     assert (r["num_workers"] is None) == (backend == "synthetic")
 
@@ -113,7 +114,7 @@ def test_missing_backends_get_error_rows(cache, monkeypatch, capsys, backends, m
         r = _row(rep, backend, modes)
         assert "not installed" in r["error"] and backend in r["error"]
         assert r["images_per_s"] is None
-        assert not set(bench.ROW_FIGURES[1:]) & set(r), "an error row must carry no figures"
+        assert not set(_measure.ROW_FIGURES[1:]) & set(r), "an error row must carry no figures"
         assert (r["model"], r["batch"]) == ("resnet18_cifar", 4)
         assert f"backend '{backend}' is not installed" in table
     if backends == "all":  # the installed backend is still measured
@@ -155,7 +156,7 @@ def test_unavailable_model_step_is_an_error_row(cache, monkeypatch):
     def broken(self, cfg, accelerator):
         raise ImportError("no ressl.method here")
 
-    monkeypatch.setattr(bench.ModelStep, "__init__", broken)
+    monkeypatch.setattr(_measure.ModelStep, "__init__", broken)
     rep = bench.main([*TINY, "--backend", "torchvision", "--bench-dir", str(cache)])
     for backend, mode in (("synthetic", "model"), ("torchvision", "end_to_end")):
         r = _row(rep, backend, mode)
@@ -210,11 +211,11 @@ def test_cuda_device_without_cuda_is_refused(tmp_path, capsys):
 
 
 def test_summarize():
-    assert bench.summarize([2.0]) == {"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0}
-    s = bench.summarize([1.0, 2.0, 3.0, 6.0])
+    assert _measure.summarize([2.0]) == {"mean": 2.0, "std": 0.0, "min": 2.0, "max": 2.0}
+    s = _measure.summarize([1.0, 2.0, 3.0, 6.0])
     assert (s["mean"], s["min"], s["max"]) == (3.0, 1.0, 6.0) and s["std"] == pytest.approx(math.sqrt(14 / 3))
     with pytest.raises(ValueError):
-        bench.summarize([])
+        _measure.summarize([])
 
 
 def test_jpegs_are_deterministic_imagenet_sized_and_not_trivial():

@@ -38,72 +38,30 @@ Sweep rows carry ``"sweep": true``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
-import gc
-import importlib.metadata as md
-import json
 import logging
-import math
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 _TOOLS = Path(__file__).resolve().parent
 for _p in (str(_TOOLS.parent), str(_TOOLS)):  # run from a checkout without installing
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _benchdata import DEFAULT_ROOT, ensure_format, ensure_images  # noqa: E402
+from _benchdata import DEFAULT_ROOT  # noqa: E402
+from _measure import MODES, BenchError, cores, format_table, run, write_report  # noqa: E402
 
 import pipelines  # noqa: E402
-from pipelines.spec import RecipeSpec, get_recipe  # noqa: E402
-from ressl.config import Config, ConfigError  # noqa: E402
-from ressl.io import atomic_write_bytes  # noqa: E402
-from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision  # noqa: E402
+from pipelines.spec import get_recipe  # noqa: E402
+from ressl.step import resolve_precision  # noqa: E402
 
-__all__ = [
-    "MODES",
-    "ROW_FIGURES",
-    "SYNTHETIC",
-    "BenchError",
-    "ModelStep",
-    "build_parser",
-    "format_table",
-    "machine_info",
-    "main",
-    "resolve_args",
-    "run",
-    "summarize",
-]
+__all__ = ["build_parser", "main", "resolve_args"]
 
 log = logging.getLogger("bench")
-
-MODES = ("loader", "model", "end_to_end")
-SYNTHETIC = "synthetic"  # backend name of model-only rows
-SCHEMA_VERSION = 1
-# Figures a measured row may carry (error rows carry none of them; images_per_s is null there).
-ROW_FIGURES = ("images_per_s", "images_per_s_std", "images_per_s_min", "images_per_s_max", "images_per_s_runs",
-               "pairs_per_s", "views_per_s", "step_ms", "cpu_cores_busy", "cpu_util", "peak_mem_bytes",
-               "peak_rss_bytes", "h2d_bytes_per_s", "data_wait_frac", "loader_efficiency")
-
-# Heads, queue and EMA momentum of the small-data presets (configs/cifar10.yaml) for the *_cifar
-# backbones; every other backbone keeps the Config defaults, which are the ImageNet run.
-_SMALL_DATA = {"proj_hidden": 2048, "proj_dim": 128, "queue_size": 4096, "momentum": 0.99}
 
 
 @dataclass(frozen=True)
@@ -118,10 +76,6 @@ class _Defaults:
 # CPU: small enough to finish in about a minute on 2 cores. GPU: the issue's RN50 headline run.
 _CPU_DEFAULTS = _Defaults(model="resnet18_cifar", batch=32, steps=3, warmup=2, repeats=3)
 _GPU_DEFAULTS = _Defaults(model="resnet50", batch=256, steps=40, warmup=15, repeats=3)
-
-
-class BenchError(ValueError):
-    """A command-line value that cannot work; the message names the option and what was expected."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,12 +129,6 @@ def _int_list(option: str, text: str, minimum: int) -> list[int]:
     return sorted(set(values))
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check every option and fill the device-dependent defaults; raise BenchError naming a bad one.
@@ -202,7 +150,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, getattr(d, name))
     if args.workers is None:
-        args.workers = _cores()
+        args.workers = cores()
     if args.size is None:
         args.size = 32 if args.model.endswith("_cifar") else 224
     args.precision = resolve_precision(args.precision, device)
@@ -251,7 +199,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise BenchError(f"--data {args.data!r} is not a directory (expected {args.split}/, "
                              f"{args.split}.beton or {args.split}.rec + .idx inside)")
     args.sweep_workers_list = (_int_list("--sweep-workers", args.sweep_workers, 0) if args.sweep_workers
-                               else sorted({min(2**i, _cores()) for i in range(_cores().bit_length() + 1)}))
+                               else sorted({min(2**i, cores()) for i in range(cores().bit_length() + 1)}))
     args.sweep_batch_list = (_int_list("--sweep-batch", args.sweep_batch, 1) if args.sweep_batch
                              else sorted({max(1, args.batch // 2), args.batch, 2 * args.batch}))
     if args.json is not None and Path(args.json).is_dir():
@@ -260,608 +208,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise BenchError(f"--profile {args.profile!r} is a file; expected a directory for the traces")
     return args
 
-
-# ---------------------------------------------------------------------------------------------------
-# machine, versions, git
-# ---------------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
-def _dali_version() -> str | None:
-    """DALI's distribution name carries the CUDA flavour (nvidia-dali-cuda130, ...)."""
-    for dist in md.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name.startswith("nvidia-dali"):
-            return f"{name}=={dist.version}"
-    return None
-
-
-def _git(*cmd: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *cmd], cwd=_TOOLS.parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def machine_info(device: torch.device | None = None) -> dict[str, Any]:
-    """Machine, device, library versions and git commit: what a figure needs to be compared."""
-    gpu = None
-    if torch.cuda.is_available():
-        index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
-        props = torch.cuda.get_device_properties(index)
-        gpu = {"name": props.name, "count": torch.cuda.device_count(), "memory_bytes": props.total_memory,
-               "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
-               "cudnn": torch.backends.cudnn.version()}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    commit = _git("rev-parse", "HEAD")
-    return {
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "cores_available": _cores(),
-        "memory_bytes": psutil.virtual_memory().total,
-        "gpu": gpu,
-        "platform": platform.platform(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": _version("torchvision"),
-            "numpy": _version("numpy"),
-            "pillow": _version("pillow"),
-            "accelerate": _version("accelerate"),
-            "numba": _version("numba"),
-            "dali": _dali_version(),
-            "ffcv": _version("ffcv"),
-            "ressl": _version("ressl"),
-            "ressl_commit": None if commit is None else commit + ("+dirty" if status else ""),
-        },
-        "git": {"commit": commit, "dirty": None if status is None else bool(status),
-                "branch": _git("rev-parse", "--abbrev-ref", "HEAD")},
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    """Wait for queued device work so a timer brackets the work itself (a host-device sync on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _cpu_seconds() -> float:
-    """CPU seconds used so far by this process and its live children (torchvision loader workers)."""
-    proc = psutil.Process()
-    t = proc.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            ct = child.cpu_times()
-            total += ct.user + ct.system
-    return total
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample standard deviation (0 for one value), min and max."""
-    if not values:
-        raise ValueError("summarize needs at least one value")
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
-class _PcieSampler:
-    """Mean host-to-device PCIe bytes/s from NVML while the ``with`` block runs (CUDA + pynvml only).
-
-    NVML's RX counter is what the GPU receives; it is sampled every 50 ms in a thread.
-    """
-
-    def __init__(self, device: torch.device):
-        self.value: float | None = None
-        self._samples: list[float] = []
-        self._stop = threading.Event()
-        self._handle = None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception as e:  # pynvml missing or NVML unusable: the figure is left out
-            log.debug("no NVML PCIe counters (%s); h2d_bytes_per_s left out", e)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            kb = self._nvml.nvmlDeviceGetPcieThroughput(self._handle, self._nvml.NVML_PCIE_UTIL_RX_BYTES)
-            self._samples.append(kb * 1024.0)
-
-    def __enter__(self) -> _PcieSampler:
-        if self._handle is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._stop.set()
-            self._thread.join()
-            self.value = statistics.fmean(self._samples) if self._samples else None
-
-
-@dataclass
-class _Timing:
-    seconds: list[float]  # per window
-    samples: list[int]  # per window
-    steps: int
-    cpu_seconds: float
-    wall_seconds: float
-    wait_seconds: float
-    h2d_bytes_per_s: float | None
-
-
-def _measure(step: Callable[[], int], *, warmup: int, steps: int, repeats: int, device: torch.device,
-             waited: Callable[[], float] = lambda: 0.0) -> _Timing:
-    """Run ``step`` (which returns the samples it processed) ``warmup`` times, then time ``repeats``
-    windows of ``steps`` calls, synchronising the device at both ends of each window."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    seconds, samples = [], []
-    wait0, cpu0, wall0 = waited(), _cpu_seconds(), time.perf_counter()
-    with _PcieSampler(device) as pcie:
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            n = sum(step() for _ in range(steps))
-            _sync(device)
-            seconds.append(time.perf_counter() - t0)
-            samples.append(n)
-    return _Timing(seconds, samples, steps, _cpu_seconds() - cpu0, time.perf_counter() - wall0, waited() - wait0,
-                   pcie.value)
-
-
-def _profile(step: Callable[[], int], *, steps: int, device: torch.device, path: Path) -> None:
-    """One warm step then ``steps`` profiled ones; chrome trace to ``path``, op table to ``path``.txt."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-
-    def save(prof: torch.profiler.profile) -> None:  # called once the active steps are recorded
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            prof.export_chrome_trace(str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        table = prof.key_averages().table(sort_by=sort, row_limit=40)
-        atomic_write_bytes(path.with_name(path.name + ".txt"), table.encode())
-
-    schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1)
-    with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=save) as prof:
-        for _ in range(steps + 1):
-            step()
-            _sync(device)  # the last active step's kernels belong inside the trace
-            prof.step()
-    if not path.is_file():
-        raise RuntimeError(f"the profiler recorded no trace for {path.name}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# the training step, loaders and runners
-# ---------------------------------------------------------------------------------------------------
-def fresh_accelerator(precision: str, device: torch.device) -> Accelerator:
-    """An Accelerator for one bench run on ``device``.
-
-    Accelerate keeps one state per process and refuses another precision (or keeps the first device)
-    for a later Accelerator; a bench may run in a process that trained before (the tests), so the state
-    is cleared first, as accelerate's own test suite does between cases, and :func:`run` clears it again
-    when it ends.
-    """
-    AcceleratorState._reset_state(reset_partial_state=True)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # Accelerate places a single process on the current CUDA device
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-    if accelerator.device.type != device.type:
-        raise RuntimeError(f"Accelerate chose {accelerator.device}, the bench asked for {device}")
-    return accelerator
-
-
-class ModelStep:
-    """The training step of tools/train.py (:class:`ressl.step.TrainStep`) at the config's constant EMA
-    momentum and no InfoNCE warm-up: model, optimiser and step built exactly as training builds them.
-
-    Args:
-        cfg: the run's Config (backbone, heads, queue, lr, weight decay, momentum, channels_last, compile).
-        accelerator: the bench run's Accelerator (precision, device, fp16 loss scaling).
-    """
-
-    def __init__(self, cfg: Config, accelerator: Accelerator):
-        model = build_model(cfg, accelerator.device)
-        optimizer = build_optimizer(model, cfg)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        self.step, self.momentum = TrainStep(model, optimizer, accelerator), cfg.momentum
-
-    def __call__(self, weak: torch.Tensor, strong: list[torch.Tensor]) -> None:
-        self.step(weak, strong, momentum=self.momentum)
-
-
-def _endless(loader: pipelines.Loader) -> Iterator[pipelines.Batch]:
-    """Batches across epochs, re-shuffled each epoch as in training (epoch starts are timed too)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        count = 0
-        batches = iter(loader)
-        try:
-            for batch in batches:
-                count += 1
-                yield batch
-        finally:  # leaving mid-epoch: let the backend stop its producer threads now, not at exit
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
-        if count == 0:
-            raise RuntimeError("the loader yielded no batch: the dataset is smaller than one batch")
-        epoch += 1
-
-
-def _join_producers(before: set[threading.Thread], timeout: float = 10.0) -> None:
-    """Wait for producer threads a loader started (Thread subclasses with their own ``run``, such as
-    FFCV's EpochIterator) to stop after their iterator was closed.
-
-    One may still be inside a batch; left running, it would steal CPU from the next row's timing, and
-    a daemon thread still in Numba code when the interpreter exits aborts the process. Plain worker
-    threads of thread pools (``Thread(target=...)``) idle on a queue and are not waited for.
-    """
-    deadline = time.monotonic() + timeout
-    for t in set(threading.enumerate()) - before:
-        if type(t).run is not threading.Thread.run:
-            t.join(max(0.0, deadline - time.monotonic()))
-            if t.is_alive():
-                log.warning("loader thread %s still running %.0f s after its iterator was closed", t.name, timeout)
-
-
-def _check_batch(batch: pipelines.Batch, spec: RecipeSpec, batch_size: int, backend: str) -> None:
-    """Fail loudly when a backend hands back something other than the spec asks for."""
-    want = [(batch_size, 3, v.size, v.size) for v in spec.views]
-    got = [tuple(batch.weak.shape), *(tuple(s.shape) for s in batch.strong)]
-    if got != want:
-        raise RuntimeError(f"backend {backend!r} returned views of shapes {got}, expected {want}")
-
-
-class _LoaderRunner:
-    """``step()`` takes one batch from the loader (and, with ``train``, trains on it)."""
-
-    def __init__(self, loader: pipelines.Loader, train: ModelStep | None = None):
-        self.batches = _endless(loader)
-        self.train = train
-        self.wait_s = 0.0
-
-    def step(self) -> int:
-        t0 = time.perf_counter()
-        batch = next(self.batches)
-        self.wait_s += time.perf_counter() - t0
-        if self.train is not None:
-            self.train(batch.weak, batch.strong)
-        return int(batch.weak.shape[0])
-
-    def close(self) -> None:
-        self.batches.close()
-
-
-class _SyntheticRunner:
-    """``step()`` trains on fixed random device tensors shaped like the recipe's views."""
-
-    def __init__(self, train: ModelStep, spec: RecipeSpec, batch: int, device: torch.device, channels_last: bool):
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        g = torch.Generator(device="cpu").manual_seed(0)
-        views = [torch.randn(batch, 3, v.size, v.size, generator=g).to(device, memory_format=fmt)
-                 for v in spec.views]
-        self.weak, self.strong, self.train, self.batch = views[0], views[1:], train, batch
-
-    def step(self) -> int:
-        self.train(self.weak, self.strong)
-        return self.batch
-
-
-# ---------------------------------------------------------------------------------------------------
-# rows
-# ---------------------------------------------------------------------------------------------------
-def _row_base(args: argparse.Namespace, backend: str, mode: str, batch: int, workers: int | None) -> dict[str, Any]:
-    return {"backend": backend, "mode": mode, "model": args.model, "batch": batch, "size": args.size,
-            "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
-            "device": args.device, "num_workers": workers}
-
-
-def _figures(t: _Timing, n_strong: int, device: torch.device) -> dict[str, Any]:
-    rates = [n / s for n, s in zip(t.samples, t.seconds, strict=True)]
-    st = summarize(rates)
-    out: dict[str, Any] = {
-        "images_per_s": st["mean"], "images_per_s_std": st["std"], "images_per_s_min": st["min"],
-        "images_per_s_max": st["max"], "images_per_s_runs": rates,
-        "pairs_per_s": st["mean"] * n_strong, "views_per_s": st["mean"] * (1 + n_strong),
-        "step_ms": 1000.0 * sum(t.seconds) / (t.steps * len(t.seconds)),
-        "cpu_cores_busy": t.cpu_seconds / t.wall_seconds,
-        "cpu_util": t.cpu_seconds / t.wall_seconds / _cores(),
-    }
-    if device.type == "cuda":
-        out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
-    else:  # the process's lifetime high-water mark: Linux reports KiB, macOS bytes
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_rss_bytes"] = rss if sys.platform == "darwin" else rss * 1024
-    if t.h2d_bytes_per_s is not None:
-        out["h2d_bytes_per_s"] = t.h2d_bytes_per_s
-    return out
-
-
-def _error_row(base: dict[str, Any], error: str) -> dict[str, Any]:
-    return {**base, "images_per_s": None, "error": error}
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _config(args: argparse.Namespace, data: str, batch: int, workers: int) -> Config:
-    """The run's Config: small-data heads for *_cifar backbones, queue rounded up to whole batches."""
-    values: dict[str, Any] = {
-        "data": data, "train_split": args.split, "recipe": args.recipe, "backbone": args.model,
-        "batch_size": batch, "num_workers": workers, "seed": args.seed, "channels_last": args.channels_last,
-        "precision": args.precision, "compile": args.compile,
-    }
-    if args.model.endswith("_cifar"):
-        values.update(_SMALL_DATA)
-    queue = values.get("queue_size", Config.queue_size)
-    values["queue_size"] = math.ceil(queue / batch) * batch
-    return Config(**values).validate()
-
-
-class _Bench:
-    """Holds what rows share: arguments, device, recipe, data root and the cached train steps."""
-
-    def __init__(self, args: argparse.Namespace, data: str, data_errors: dict[str, str]):
-        self.args, self.data, self.data_errors = args, data, data_errors
-        self.device = torch.device(args.device)
-        base = get_recipe(args.recipe)
-        self.spec = base if base.weak.size == args.size else base.with_size(args.size)
-        self.n_strong = len(self.spec.strong)
-        self.steps: dict[int, ModelStep | str] = {}  # batch -> step, or why it cannot be built
-        self._accelerator: Accelerator | None = None
-
-    def _reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def _trace_path(self, mode: str, backend: str, batch: int, workers: int | None) -> Path:
-        w = "" if workers is None else f"-w{workers}"
-        return Path(self.args.profile) / f"{mode}-{backend}-{self.args.model}-b{batch}{w}.json"
-
-    def train_step(self, batch: int) -> ModelStep | str:
-        """The training step for ``batch`` (built once), or the reason it cannot be built."""
-        if batch not in self.steps:
-            torch.manual_seed(self.args.seed)
-            try:
-                if self._accelerator is None:
-                    self._accelerator = fresh_accelerator(self.args.precision, self.device)
-                self.steps[batch] = ModelStep(_config(self.args, self.data, batch, self.args.workers),
-                                              self._accelerator)
-            except (ImportError, AttributeError, ConfigError, RuntimeError, ValueError, TypeError) as e:
-                log.warning("model %s at batch %d unavailable: %s", self.args.model, batch, e)
-                self.steps[batch] = f"model step unavailable: {_short(e)}"
-        return self.steps[batch]
-
-    def model_row(self, batch: int) -> dict[str, Any]:
-        base = _row_base(self.args, SYNTHETIC, "model", batch, None)
-        train = self.train_step(batch)
-        if isinstance(train, str):
-            return _error_row(base, train)
-        try:
-            runner = _SyntheticRunner(train, self.spec, batch, self.device, self.args.channels_last)
-            self._reset_peak()
-            t = _measure(runner.step, warmup=self.args.warmup, steps=self.args.steps, repeats=self.args.repeats,
-                         device=self.device)
-            row = {**base, **_figures(t, self.n_strong, self.device)}
-            if self.args.profile:
-                path = self._trace_path("model", SYNTHETIC, batch, None)
-                _profile(runner.step, steps=min(self.args.steps, 5), device=self.device, path=path)
-                row["trace"] = str(path)
-            return row
-        except Exception as e:  # e.g. torch.compile without a C++ compiler, out of memory: report, go on
-            log.warning("model-only %s batch %d failed: %s", self.args.model, batch, e, exc_info=self.args.verbose)
-            self.steps[batch] = f"model step failed: {_short(e)}"
-            return _error_row(base, self.steps[batch])
-
-    def _unavailable(self, backend: str) -> str | None:
-        if not pipelines.available_backends().get(backend, False):
-            return f"backend {backend!r} is not installed (pip install -e '.[{backend}]')"
-        return self.data_errors.get(backend)
-
-    def loader_row(self, backend: str, mode: str, batch: int, workers: int) -> dict[str, Any]:
-        """A loader-only or end-to-end row for one backend; failures become an error row."""
-        base = _row_base(self.args, backend, mode, batch, workers)
-        why = self._unavailable(backend)
-        if why is not None:
-            return _error_row(base, why)
-        train = None
-        if mode == "end_to_end":
-            train = self.train_step(batch)
-            if isinstance(train, str):
-                return _error_row(base, train)
-        runner = None
-        threads_before = set(threading.enumerate())
-        try:
-            cfg = _config(self.args, self.data, batch, workers)
-            loader = pipelines.build_loader(cfg, backend, split=self.args.split, device=self.device,
-                                            spec=self.spec)
-            runner = _LoaderRunner(loader, train)
-            first = next(runner.batches)
-            _check_batch(first, self.spec, batch, backend)
-            del first
-            self._reset_peak()
-            t = _measure(runner.step, warmup=self.args.warmup, steps=self.args.steps, repeats=self.args.repeats,
-                         device=self.device, waited=lambda: runner.wait_s)
-            row = {**base, **_figures(t, self.n_strong, self.device)}
-            if mode == "end_to_end":
-                row["data_wait_frac"] = t.wait_seconds / t.wall_seconds
-            if self.args.profile:
-                path = self._trace_path(mode, backend, batch, workers)
-                _profile(runner.step, steps=min(self.args.steps, 5), device=self.device, path=path)
-                row["trace"] = str(path)
-            return row
-        except Exception as e:  # any backend failure is reported in its row; the other rows still run
-            log.warning("%s %s failed: %s", backend, mode, e, exc_info=self.args.verbose)
-            return _error_row(base, _short(e))
-        finally:
-            if runner is not None:
-                runner.close()
-            gc.collect()
-            _join_producers(threads_before)
-
-
-def _prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, str]]:
-    """Data root, its description for the JSON, and per-backend reasons it cannot be read."""
-    errors: dict[str, str] = {}
-    if args.data is not None:
-        return args.data, {"root": args.data, "generated": False}, errors
-    root = ensure_images(args.num_images, args.seed, args.bench_dir)
-    have = pipelines.available_backends()
-    need = {"ffcv": "beton", "dali": "rec"}
-    for backend in args.backends:
-        fmt = need.get(backend)
-        if fmt is None or not have.get(backend, False):
-            continue
-        try:
-            ensure_format(root, fmt, workers=args.workers or 1)
-        except Exception as e:  # the converter failing costs that backend its rows, not the run
-            log.warning("cannot write the bench set as .%s: %s", fmt, e)
-            errors[backend] = f"cannot write train.{fmt}: {_short(e)}"
-    manifest = json.loads((root / "manifest.json").read_text())
-    return str(root), {"root": str(root), "generated": True, **manifest}, errors
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure every requested row and return the report (see the module docstring for its shape)."""
-    try:
-        return _run(args)
-    finally:  # the run's Accelerator state must not become the next Accelerator's in this process
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    args.threads = torch.get_num_threads()
-    report: dict[str, Any] = {
-        "schema": SCHEMA_VERSION,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-    }
-    data, report["data"], data_errors = _prepare_data(args)
-    bench = _Bench(args, data, data_errors)
-    try:
-        report["config"] = _config(args, data, args.batch, args.workers).to_dict()
-    except ConfigError as e:
-        raise BenchError(str(e)) from None
-    report["recipe"] = {"views": [{"name": v.name, "size": v.size} for v in bench.spec.views]}
-    rows: list[dict[str, Any]] = []
-    modes = args.mode_list
-    if "model" in modes or "end_to_end" in modes:
-        log.info("model-only: %s batch %d", args.model, args.batch)
-        rows.append(bench.model_row(args.batch))
-    for backend in args.backends:
-        for mode in ("loader", "end_to_end"):
-            if mode in modes:
-                log.info("%s: %s batch %d, %d workers", mode, backend, args.batch, args.workers)
-                rows.append(bench.loader_row(backend, mode, args.batch, args.workers))
-    if args.sweep:
-        for batch in args.sweep_batch_list:
-            if "model" in modes or "end_to_end" in modes:
-                rows.append({**bench.model_row(batch), "sweep": True})
-            for backend in args.backends:
-                for workers in args.sweep_workers_list:
-                    log.info("sweep: %s batch %d, %d workers", backend, batch, workers)
-                    rows.append({**bench.loader_row(backend, "loader", batch, workers), "sweep": True})
-    model_rate = {r["batch"]: r["images_per_s"] for r in rows if r["mode"] == "model"}
-    for r in rows:
-        if r["mode"] == "end_to_end" and r["images_per_s"] is not None:
-            ceiling = model_rate.get(r["batch"])
-            r["loader_efficiency"] = r["images_per_s"] / ceiling if ceiling else None
-    report["results"] = rows
-    return report
-
-
-# ---------------------------------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------------------------------
-def _fmt_rate(r: dict[str, Any], key: str = "images_per_s") -> str:
-    v = r.get(key)
-    if v is None:
-        return "-"
-    if key == "images_per_s":
-        return f"{v:,.1f} ± {r['images_per_s_std']:,.1f}"
-    return f"{v:,.1f}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report as fixed-width text: a machine line, the main table, then the sweep (if any)."""
-    m = report["machine"]
-    gpu = m["gpu"]["name"] if m.get("gpu") else "no GPU"
-    commit = (m["git"]["commit"] or "?")[:10] + (" (dirty)" if m["git"]["dirty"] else "")
-    lines = [f"{m['cpu']} ({m['cores_available']}/{m['cores']} cores), {gpu}; torch {m['versions']['torch']}, "
-             f"commit {commit}; {report['date']}"]
-    header = ("backend", "mode", "model", "batch", "size", "wk", "images/s", "pairs/s", "eff.", "cores", "note")
-    table = []
-    for r in report["results"]:
-        if r.get("sweep"):
-            continue
-        eff = r.get("loader_efficiency")
-        note = r.get("error", "")
-        if not note and r.get("data_wait_frac") is not None:
-            note = f"data wait {100 * r['data_wait_frac']:.0f}%"
-        table.append((r["backend"], r["mode"], r["model"], str(r["batch"]), str(r.get("size", "")),
-                      "" if r.get("num_workers") is None else str(r["num_workers"]), _fmt_rate(r),
-                      _fmt_rate(r, "pairs_per_s"), "" if eff is None else f"{100 * eff:.0f}%",
-                      "" if r.get("cpu_cores_busy") is None else f"{r['cpu_cores_busy']:.1f}", note))
-    lines += _columns(header, table)
-    sweep = [r for r in report["results"] if r.get("sweep")]
-    if sweep:
-        lines += ["", "sweep (images/s):"]
-        lines += _columns(("backend", "mode", "batch", "workers", "images/s", "note"),
-                          [(r["backend"], r["mode"], str(r["batch"]),
-                            "" if r.get("num_workers") is None else str(r["num_workers"]), _fmt_rate(r),
-                            r.get("error", "")) for r in sweep])
-    return "\n".join(lines)
-
-
-def _columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip(),
-            *(fmt.format(*r).rstrip() for r in rows)]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -877,10 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(str(e))
     print(format_table(report))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, (json.dumps(report, indent=2, default=str) + "\n").encode())
-        log.info("wrote %s", out)
+        log.info("wrote %s", write_report(report, args.json))
     return report
 
 

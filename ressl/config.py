@@ -60,13 +60,14 @@ class Config:
     warmup_infonce_epochs: int = 0  # TPAMI: InfoNCE instead of the relation loss for these epochs
     infonce_blend_epochs: int = 0  # linear blend InfoNCE -> relation over this many epochs after warm-up
     infonce_tau: float = 0.2
-    shuffle_bn_splits: int = 2  # teacher BN statistics from random groups of the batch (1 = off; see ReSSL)
+    shuffle_bn_splits: int = 2  # BN statistics from this many groups of each process's batch (1 = off; see ReSSL)
 
     # --- optimisation ----------------------------------------------------------------------------
     epochs: int = 200
     batch_size: int = 256  # global batch (all processes); each loads batch_size / num_processes
     lr: float = 0.05  # learning rate per 256 images: actual lr = lr * batch_size / 256
-    weight_decay: float = 1e-4  # not applied to norm weights and biases
+    weight_decay: float = 1e-4  # not applied to norm weights and biases unless decay_norm_bias
+    decay_norm_bias: bool = False  # True: decay every parameter (the official CIFAR code: 5e-4 on all)
     sgd_momentum: float = 0.9
     warmup_epochs: int = 5  # linear warm-up, then cosine to 0
     max_steps: int = 0  # stop after this many optimiser steps (0 = epochs * steps per epoch)

@@ -302,13 +302,19 @@ class ReSSL(nn.Module):
         self.queue.push(self._keys)
         self._keys = None
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Student parameters for the optimiser: decay on weights, none on norm weights and biases (1-D)."""
+    def param_groups(self, weight_decay: float, decay_norm_bias: bool = False) -> list[dict]:
+        """Student parameters for the optimiser: weights (ndim > 1), then norm weights and biases (1-D).
+
+        The second group gets no decay by default (the official ImageNet code) or the same decay with
+        ``decay_norm_bias`` (the official CIFAR code decays every parameter at 5e-4). Two groups either
+        way, so optimiser states keep one layout.
+        """
         decay, no_decay = [], []
         for p in self.student.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": weight_decay if decay_norm_bias else 0.0}]
         return [g for g in groups if g["params"]]
 
     def eval_backbone(self) -> nn.Module:

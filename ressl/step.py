@@ -75,8 +75,10 @@ def build_model(cfg: Config, device: torch.device | str) -> ReSSL:
 
 
 def build_optimizer(model: ReSSL, cfg: Config) -> torch.optim.SGD:
-    """SGD with momentum over the student, lr scaled by the global batch, no decay on norms and biases."""
-    return torch.optim.SGD(model.param_groups(cfg.weight_decay), lr=scaled_lr(cfg.lr, cfg.batch_size),
+    """SGD with momentum over the student, lr scaled by the global batch, norms and biases decayed only
+    with ``decay_norm_bias``."""
+    return torch.optim.SGD(model.param_groups(cfg.weight_decay, cfg.decay_norm_bias),
+                           lr=scaled_lr(cfg.lr, cfg.batch_size),
                            momentum=cfg.sgd_momentum)
 
 

@@ -296,3 +296,11 @@ def test_shuffle_permutation_is_seeded_and_counted_in_the_state_dict():
     resumed = _model(shuffle_seed=3)
     resumed.load_state_dict(state)
     assert resumed.shuffle_calls == 11  # a resumed run draws the same permutations from here on
+
+
+def test_decay_norm_bias_decays_every_parameter():
+    model = _model()
+    plain, every = model.param_groups(5e-4), model.param_groups(5e-4, decay_norm_bias=True)
+    assert [len(g["params"]) for g in plain] == [len(g["params"]) for g in every]
+    assert [g["weight_decay"] for g in plain] == [5e-4, 0.0]
+    assert [g["weight_decay"] for g in every] == [5e-4, 5e-4]

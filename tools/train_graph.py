@@ -1,0 +1,218 @@
+"""Train RGRL on one graph: two augmented views per step, the student's relations to global and local
+anchors matched to the EMA teacher's; node accuracy by logistic regression on frozen embeddings.
+
+Launch (configs/rgrl-*.yaml are flat GraphConfig presets; any key can be overridden as key=value):
+
+    make dataset DATA=digits-knn && python tools/train_graph.py --config configs/rgrl-digits.yaml
+    make dataset DATA=planetoid SRC=~/planetoid NAME=Cora && python tools/train_graph.py --config configs/rgrl-cora.yaml
+    make train-graph        # the first line, ~1 minute on 2 CPU cores
+
+Full batch: every step sees the whole graph, so a run is one process on one device (CPU or one GPU,
+bf16 autocast there by default); Accelerate picks the device and precision.
+
+Outputs under runs/NAME/: metrics.csv, tb/ (TensorBoard), curves.png, last.pt (resumable checkpoint,
+written atomically), summary.json. ``resume=auto`` (the default) continues a killed run from last.pt,
+drawing the same views and anchors it would have drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ressl.config import ConfigError, run_tool  # noqa: E402
+from ressl.graph.augment import augment  # noqa: E402
+from ressl.graph.config import GraphConfig, load_graph_config, resume_refusals  # noqa: E402
+from ressl.graph.data import load_graph  # noqa: E402
+from ressl.graph.eval import linear_probe_splits, random_splits  # noqa: E402
+from ressl.graph.model import RGRL  # noqa: E402
+from ressl.graph.sampling import anchor_probabilities, diffusion_neighbours, node_degree  # noqa: E402
+from ressl.io import atomic_write_json  # noqa: E402
+from ressl.run import NonFiniteLossError, RunLog, plot_curves, save_checkpoint  # noqa: E402
+from ressl.step import resolve_precision  # noqa: E402
+
+log = logging.getLogger("train_graph")
+
+FIELDS = ("step", "epoch", "loss", "loss_global", "loss_local", "key_std", "lr", "momentum", "steps_per_s",
+          "acc_val", "acc_test", "acc_test_std")
+EVAL_KEYS = ("acc_val", "acc_test", "acc_test_std")
+
+
+def _fmt(acc: dict[str, Any] | None) -> str:
+    return "n/a" if acc is None else f"{acc['test_mean']:.2f} ± {acc['test_std']:.2f}%"
+
+
+def main(cfg: GraphConfig) -> dict[str, Any]:
+    """Train with ``cfg``; returns the summary that is also written to runs/NAME/summary.json."""
+    t_begin = time.perf_counter()
+    # --- accelerator + seeds --------------------------------------------------------------------------
+    precision = resolve_precision(cfg.precision)
+    accelerator = Accelerator(mixed_precision=precision)
+    if accelerator.num_processes != 1:
+        raise ConfigError(f"RGRL trains full-batch on one device; launched with {accelerator.num_processes} "
+                          "processes (run it without accelerate launch --num_processes)")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    set_seed(cfg.seed)
+    device = accelerator.device
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- data: the graph, its anchor distribution and diffusion neighbours, the evaluation splits ------
+    data = load_graph(cfg.data)
+    n = data.num_nodes
+    if cfg.num_anchors > n or cfg.topk >= n:
+        raise ConfigError(f"{cfg.data}: {n} nodes; num_anchors={cfg.num_anchors} must be <= {n} and "
+                          f"topk={cfg.topk} < {n}")
+    t0 = time.perf_counter()
+    deg = node_degree(data.edge_index, n)
+    neighbours = diffusion_neighbours(data.edge_index, n, cfg.topk, cfg.ppr_alpha)
+    log.info("graph %s: %d nodes, %d directed edges, %d features, %d classes; GDC top-%d in %.1f s",
+             data.name, n, data.edge_index.shape[1], data.x.shape[1], int(data.y.max()) + 1, cfg.topk,
+             time.perf_counter() - t0)
+    splits = random_splits(n, cfg.eval_splits, cfg.eval_val_frac, cfg.eval_test_frac, seed=cfg.seed)
+    x, edge_index, y = data.x.to(device), data.edge_index.to(device), data.y.to(device)
+
+    # --- model + optimiser (AdamW at a constant lr, as the authors) -------------------------------------
+    model = RGRL(data.x.shape[1], cfg.hidden_dim, cfg.embed_dim, cfg.pred_hidden,
+                 anchor_probs=anchor_probabilities(deg, cfg.anchor_alpha, cfg.anchor_beta),
+                 neighbours=neighbours, local_mask=deg > 0, num_anchors=cfg.num_anchors, tau_s=cfg.tau_s,
+                 tau_t=cfg.tau_t, tau_s_local=cfg.tau_s_local, tau_t_local=cfg.tau_t_local, lam=cfg.lam).to(device)
+    trained = [*model.student.parameters(), *model.predictor.parameters()]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core: RGRL = accelerator.unwrap_model(model)
+
+    # --- resume -----------------------------------------------------------------------------------------
+    ckpt_path = run_dir / "last.pt"
+    resume_from = None
+    if cfg.resume == "auto" and ckpt_path.exists():
+        resume_from = ckpt_path
+    elif cfg.resume not in ("auto", "no"):
+        resume_from = Path(cfg.resume)
+        if not resume_from.is_file():
+            raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
+    step, history, log_rows = 0, {"evals": []}, None
+    if resume_from is not None:
+        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        refused = resume_refusals(state["config"], cfg)
+        if refused:
+            raise ConfigError(f"{resume_from} was trained with other settings; changed: "
+                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+                              + " (use another name= or resume=no)")
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, log_rows = state["step"], state["history"], state["log_rows"]
+        torch.set_rng_state(state["rng_cpu"])  # the same augmentations and anchors as an unbroken run
+        if torch.cuda.is_available() and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        log.info("resumed from %s at step %d", resume_from, step)
+    runlog = RunLog(run_dir, True, resume_step=step if resume_from is not None else None, keep_rows=log_rows,
+                    fields=FIELDS, eval_keys=EVAL_KEYS)
+
+    def checkpoint() -> None:
+        state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "history": history, "log_rows": runlog.rows, "rng_cpu": torch.get_rng_state(),
+                 "config": cfg.to_dict()}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(ckpt_path, state)
+
+    def evaluate(tag: str) -> dict[str, Any]:
+        """Logistic regression on the student's frozen embeddings (own generator: training RNG untouched)."""
+        res = linear_probe_splits(core.embed(x, edge_index), y, *splits, epochs=cfg.probe_epochs,
+                                  lr=cfg.probe_lr, seed=cfg.seed)
+        log.info("node accuracy %s: test %s, val %.2f%%", tag, _fmt(res), res["val_mean"])
+        history["evals"].append({"step": step, **{k: v for k, v in res.items() if k != "test_accs"}})
+        runlog.row(step, acc_val=res["val_mean"], acc_test=res["test_mean"], acc_test_std=res["test_std"])
+        return res
+
+    if cfg.eval_before and resume_from is None:
+        history["before"] = evaluate("before training (random-init encoder)")
+
+    # --- loop: one full-batch step per epoch --------------------------------------------------------------
+    losses: list[float] = []
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    bar = tqdm(total=cfg.epochs, initial=step, dynamic_ncols=True, unit="step")
+    t_start, step_start, t_last, step_last = time.perf_counter(), step, time.perf_counter(), step
+    model.train()
+    while step < cfg.epochs:
+        v1 = augment(x, edge_index, cfg.feat_mask_p1, cfg.edge_drop_p1)
+        v2 = augment(x, edge_index, cfg.feat_mask_p2, cfg.edge_drop_p2)
+        with accelerator.autocast():
+            loss, metrics = model(*v1, *v2)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        core.update(cfg.momentum)
+        nonfinite |= ~torch.isfinite(loss.detach())  # on device: no host sync here
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.epochs:
+            # host sync: the only one per log_every steps (loss values + the non-finite flag)
+            if nonfinite.item():
+                raise NonFiniteLossError(f"loss became NaN/inf by step {step} (lr {cfg.lr:g}); stopping without "
+                                         "saving. Lower lr or raise the temperatures, or use precision=no.")
+            now = time.perf_counter()
+            sps = (step - step_last) / (now - t_last)
+            t_last, step_last = now, step
+            vals = {k: v.item() for k, v in metrics.items()}
+            losses.append(vals["loss"])
+            runlog.row(step, epoch=step, lr=cfg.lr, momentum=cfg.momentum, steps_per_s=sps, **vals)
+            bar.set_postfix(loss=f"{vals['loss']:.4f}", steps_s=f"{sps:.1f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.epochs:
+            evaluate(f"after step {step}")
+        if step % cfg.ckpt_every == 0 and step < cfg.epochs:
+            if nonfinite.item():  # host sync; never save a state that has seen a NaN
+                raise NonFiniteLossError(f"loss became NaN/inf before step {step}; stopping without saving.")
+            checkpoint()
+    bar.close()
+    train_s = time.perf_counter() - t_start
+
+    # --- save -------------------------------------------------------------------------------------------
+    if nonfinite.item():
+        raise NonFiniteLossError(f"loss became NaN/inf by step {step}; stopping without saving.")
+    after = evaluate("after training")
+    checkpoint()
+    best = max(history["evals"], key=lambda e: e["val_mean"])  # the authors' model selection, for reference
+    before = history.get("before")
+    summary = {
+        "name": cfg.name, "graph": data.name, "num_nodes": n, "steps": step, "precision": precision,
+        "device": str(device), "losses": losses,
+        "acc_before": None if before is None else {k: v for k, v in before.items() if k != "test_accs"},
+        "acc_after": {k: v for k, v in after.items() if k != "test_accs"}, "acc_best_val": best,
+        "train_s": train_s, "wall_s": time.perf_counter() - t_begin,
+        "steps_per_s": (step - step_start) / train_s if step > step_start else None,
+    }
+    runlog.close()
+    plot_curves(runlog.csv_path, run_dir / "curves.png",
+                keys=("loss", "loss_global", "loss_local", "key_std", "steps_per_s", "acc_test"))
+    atomic_write_json(run_dir / "summary.json", summary)
+    print(f"done: {step} steps in {summary['wall_s']:.0f} s, node accuracy before {_fmt(before)} -> after "
+          f"{_fmt(after)} (logistic regression, {cfg.eval_splits} random splits); logs in {run_dir}")
+    accelerator.end_training()
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> GraphConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML preset in configs/ (default: the authors' Cora run)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of any config key")
+    a = p.parse_args(argv)
+    return load_graph_config(a.config, a.overrides)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_tool(lambda: main(parse_args()))

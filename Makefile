@@ -8,13 +8,15 @@ CONFIG  ?= configs/demo.yaml
 ARGS    ?=
 EXPORT  ?= backbone.pth
 
-.PHONY: help setup test train dataset bench eval export lint
+.PHONY: help setup test train train-graph dataset bench eval export lint
 
 help:
 	@echo "make setup            create .venv/ and install ressl with all extras (+ Debian packages FFCV needs, as root)"
 	@echo "make train            demo dataset (if missing) + a short demo run with kNN before/after"
+	@echo "make train-graph      digits k-NN graph (if missing) + a short RGRL run with node accuracy before/after"
 	@echo "make test             run the test suite (CPU)"
 	@echo "make dataset DATA=... write data/NAME/ (ImageFolder, .beton, .rec); SRC=path OUT=dir FORMATS=beton,rec"
+	@echo "make dataset DATA=planetoid SRC=DIR NAME=Cora|CiteSeer|PubMed, DATA=karate, DATA=digits-knn   graph.pt"
 	@echo "make bench ARGS=...   images/s of loaders, model step and end to end (JSON)"
 	@echo "make eval CKPT=...    kNN + linear probe + t-SNE of a checkpoint"
 	@echo "make export CKPT=... EXPORT=backbone.pth   torchvision state_dict of the trained backbone"
@@ -28,24 +30,36 @@ setup:
 	@echo "==> virtual environment .venv/"
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	@echo "==> torch + torchvision (matching pair), then ressl editable with [dali,ffcv,dev]"
+	@echo "==> torch + torchvision (matching pair), then ressl editable with [dali,ffcv,graph,dev]"
 	$(PY) -m pip install -q "torch>=2.9,<2.15" "torchvision>=0.24,<0.30"
-	$(PY) -m pip install -q -e ".[dali,ffcv,dev]"
+	$(PY) -m pip install -q -e ".[dali,ffcv,graph,dev]"
 	$(PY) -c "import torch, torchvision, pipelines; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'backends', pipelines.available_backends())"
 
 test:
 	@echo "==> pytest (CPU)"
 	$(PY) -m pytest -q
 
+GRAPH_DATA := planetoid karate digits-knn
+
 dataset:
+ifneq ($(filter $(DATA),$(GRAPH_DATA)),)
+	@echo "==> tools/graph_dataset.py $(DATA) -> $(OUT)/"
+	$(PY) tools/graph_dataset.py $(DATA) --out $(OUT) $(if $(SRC),--src $(SRC)) $(if $(NAME),--name $(NAME)) $(ARGS)
+else
 	@echo "==> tools/dataset.py $(DATA) -> $(OUT)/$(DATA)"
 	$(PY) tools/dataset.py $(DATA) --out $(OUT) $(if $(SRC),--src $(SRC)) --formats $(FORMATS) \
 		$(if $(MAX_SIDE),--max-side $(MAX_SIDE)) $(if $(QUALITY),--quality $(QUALITY)) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
+endif
 
 train:
 	@test -d $(OUT)/demo/train || $(MAKE) dataset DATA=demo
 	@echo "==> demo training run ($(CONFIG))"
 	$(PY) tools/train.py --config $(CONFIG) $(ARGS)
+
+train-graph:
+	@test -f $(OUT)/digits-knn/graph.pt || $(MAKE) dataset DATA=digits-knn
+	@echo "==> RGRL demo run (configs/rgrl-digits.yaml)"
+	$(PY) tools/train_graph.py --config configs/rgrl-digits.yaml $(ARGS)
 
 bench:
 	@echo "==> tools/bench.py $(ARGS)"

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.formats.convert import ConvertError, ConvertOptions, convert, inspect_image
-from pipelines.formats.recordio import read_recordio
+from pipelines.formats.convert import ConvertError, ConvertOptions, convert, inspect_image, record_order
+from pipelines.formats.recordio import RecordIOReader, read_recordio
 from pipelines.formats.sources import SourceError, build_source, demo_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +91,14 @@ def test_demo_cli_writes_tree_rec_and_manifest(tmp_path, caplog):
     assert n_train + manifest["splits"]["val"]["count"] == 1797
     assert sorted(p.name for p in (out / "train").iterdir()) == [str(i) for i in range(10)]
     assert sum(1 for _ in (out / "val").rglob("*.png")) == manifest["splits"]["val"]["count"]
-    records = list(read_recordio(out / "train.rec", out / "train.idx"))
+    records = list(RecordIOReader(out / "train.rec", out / "train.idx"))
     assert len(records) == n_train
-    first = sorted((out / "train" / str(records[0][1])).glob("*.png"))[0]
-    np.testing.assert_array_equal(_decode(records[0][0]), _decode(first.read_bytes()))
+    np.testing.assert_array_equal([r.id for r in records], record_order(0, "train", n_train))  # seeded shuffle
+    names = demo_source().split("train").names
+    for r in records[:3]:  # the id leads back to the source sample
+        tree_file = out / "train" / str(int(r.label)) / f"{names[r.id]}.png"
+        np.testing.assert_array_equal(_decode(r.payload), _decode(tree_file.read_bytes()))
+    assert manifest["order"]["seed"] == 0
     entry = manifest["outputs"]["train.rec"]["files"]["train.rec"]
     assert entry["bytes"] == (out / "train.rec").stat().st_size and len(entry["sha256"]) == 64
     assert "demo/val: 359 images, 0 converted, 0 skipped" in caplog.text
@@ -126,10 +130,11 @@ def test_cifar10_archive_to_tree_rec_and_beton(tmp_path):
     assert source.classes[0] == "airplane" and len(source.classes) == 10
     manifest = convert(source, tmp_path / "out", ConvertOptions(formats=("rec", "beton"), **QUIET))
     out = tmp_path / "out" / "cifar10"
-    records = list(read_recordio(out / "train.rec", out / "train.idx"))
-    assert [lab for _, lab in records] == labels[:15].tolist()
-    for (payload, _), image in zip(records, images[:15]):
-        np.testing.assert_array_equal(_decode(payload), image)  # PNG payloads: lossless
+    records = list(RecordIOReader(out / "train.rec", out / "train.idx"))
+    assert [r.id for r in records] == record_order(0, "train", 15).tolist()
+    assert [int(r.label) for r in records] == labels[[r.id for r in records]].tolist()  # labels unchanged
+    for r in records:
+        np.testing.assert_array_equal(_decode(r.payload), images[r.id])  # PNG payloads: lossless
     val_files = sorted((out / "val").rglob("*.png"))
     assert len(val_files) == 3 and {p.parent.name for p in val_files} == {"dog", "frog", "horse"}
     assert manifest["outputs"]["val.beton"]["params"]["mode"] == "raw"
@@ -297,8 +302,8 @@ def test_tiny_imagenet_layout(tmp_path):
     out = tmp_path / "out" / "tiny-imagenet"
     assert sorted(p.relative_to(out / "val").as_posix() for p in (out / "val").rglob("*.JPEG")) == [
         "n01/val_1.JPEG", "n01/val_2.JPEG", "n02/val_0.JPEG"]
-    payloads = [p for p, _ in read_recordio(out / "train.rec", out / "train.idx")]
-    assert payloads[0] == (root / "train" / "n01" / "images" / "n01_0.JPEG").read_bytes()  # passed through
+    first = next(r for r in RecordIOReader(out / "train.rec", out / "train.idx") if r.id == 0)
+    assert first.payload == (root / "train" / "n01" / "images" / "n01_0.JPEG").read_bytes()  # passed through
 
 
 # ------------------------------------------------------------------------------------------------

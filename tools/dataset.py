@@ -21,8 +21,8 @@ try:
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.formats import kernels
-from pipelines.formats.convert import FORMATS, ConvertError, ConvertOptions, convert
+from pipelines.formats import BETON_MODE_CHOICES, FORMATS, RAW_MAX_SIDE, kernels
+from pipelines.formats.convert import ConvertError, ConvertOptions, convert
 from pipelines.formats.sources import SOURCES, SourceError, build_source
 
 log = logging.getLogger("dataset")
@@ -36,9 +36,14 @@ outputs (OUT/NAME/):
                       symlink to the source split, made only when 'folder' is in --formats.
   SPLIT.rec/.idx      MXNet RecordIO for DALI's readers.mxnet (source JPEGs passed through;
                       PNG for in-memory datasets; re-encoded when converted or over --max-side).
-  SPLIT.beton         FFCV (raw pixels for <= 64 px data, JPEG above unless --beton-mode).
-  manifest.json       counts per split and class, skipped/converted files with reasons,
-                      parameters, SHA-256 of every output file.
+  SPLIT.beton         FFCV (--beton-mode auto: raw pixels when train's median longer side is
+                      <= 64 px, JPEG otherwise; decided once, the same for every split).
+  manifest.json       counts per split and class, skipped/converted files and empty class
+                      folders with reasons, parameters, the seed of the record order, a
+                      fingerprint of the source and the SHA-256 of every output file.
+records (.rec and .beton) are written in a seeded random order (--seed); labels unchanged.
+re-runs skip finished outputs, rebuild those whose source changed (names, sizes, mtimes), and
+--force rebuilds all; any --workers count writes the same bytes.
 splits: train and val; stl10 adds 'unlabeled' (100,000 images, label -1).
 sources needing --src: imagenet, imagenet100 (train/ and val/), folder (an ImageFolder tree, or a
 directory with train/ [val/]), cifar10/cifar100/stl10 (official archive or its extracted folder;
@@ -58,13 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-side", type=int, default=0,
                    help="cap the longer side of re-encoded / .beton JPEG images, px (default 0: keep)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    p.add_argument("--beton-mode", default="auto", choices=["auto", "raw", "jpg", "proportion", "smart"],
-                   help="FFCV image write mode (default auto: raw for <= 64 px, else jpg)")
+    p.add_argument("--beton-mode", default="auto", choices=BETON_MODE_CHOICES,
+                   help=f"FFCV image write mode (default auto: raw when train's median longer side is <= "
+                        f"{RAW_MAX_SIDE} px, else jpg, for every split)")
     p.add_argument("--compress-p", type=float, default=0.5,
                    help="JPEG fraction in --beton-mode proportion (default 0.5)")
     p.add_argument("--classes", default=None,
                    help="file with one class (folder) name per line: selects classes (imagenet100, folder)")
     p.add_argument("--workers", type=int, default=1, help="processes for encoding and writing (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the records' random order (default 0)")
     p.add_argument("--force", action="store_true", help="rebuild outputs even if the manifest says finished")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-jit", action="store_true",
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
         opts = ConvertOptions(formats=formats, max_side=args.max_side, quality=args.quality,
                               beton_mode=args.beton_mode, compress_p=args.compress_p, workers=args.workers,
-                              force=args.force, progress=False if args.no_progress else None)
+                              force=args.force, progress=False if args.no_progress else None, seed=args.seed)
         extra = {"classes_file": args.classes} if args.classes else {}
         source = build_source(args.dataset, args.src, out=Path(args.out), **extra)
         manifest = convert(source, args.out, opts)

@@ -1,14 +1,37 @@
 """Dataset formats: RecordIO and FFCV .beton writers/readers, sources, Numba conversion kernels.
 
-Submodules import their heavy dependencies (FFCV, Pillow, scikit-learn) only when used:
+Submodules import their heavy dependencies (FFCV, Pillow, scikit-learn, Numba) only when used:
 
-* :mod:`.recordio` - ``write_recordio`` / ``read_recordio`` / ``RecordIOWriter`` / ``RecordIOReader``
-* :mod:`.beton` - ``write_beton`` (FFCV's DatasetWriter; fields ``image``, ``label``)
+* :mod:`.recordio` - the RecordIO layout once: ``MAGIC``, ``read_index`` / ``check_index`` /
+  ``read_record``, ``RecordIOWriter`` / ``RecordIOReader`` (no Numba at import: loaders use it)
+* :mod:`.beton` - ``write_beton`` (FFCV's DatasetWriter; fields ``image``, ``label``), byte-identical
+  for any number of writer processes
 * :mod:`.sources` - ``build_source`` and the dataset readers (demo, CIFAR, STL-10, ImageNet, ...)
 * :mod:`.convert` - ``convert``: a source into ImageFolder / .rec / .beton + manifest.json
-* :mod:`.kernels` - Numba kernels and the JIT switch ``set_jit_enabled``
+* :mod:`.kernels` - Numba kernels and the one JIT switch ``set_jit_enabled`` of every kernel
+* :mod:`.children` - worker processes that die with their parent
+* :mod:`.synthetic` - the deterministic photo-like JPEGs of the benchmarks
 
-Crash-safe writes (temp file, fsync, rename) come from :mod:`ressl.io`, shared with checkpoints.
+The names below are the formats' vocabulary, written once and imported by the converter, the
+``.beton`` writer, ``tools/dataset.py`` and the benchmark's data. Crash-safe writes (temp file,
+fsync, rename) come from :mod:`ressl.io`, shared with checkpoints.
 """
 
-__all__ = ["beton", "convert", "kernels", "recordio", "sources"]
+FORMATS = ("folder", "rec", "beton")  # what `make dataset` writes: ImageFolder tree, RecordIO, FFCV
+BETON_MODES = ("raw", "jpg", "proportion", "smart")  # FFCV RGBImageField write modes
+BETON_MODE_CHOICES = ("auto", *BETON_MODES)  # auto: raw or jpg, decided once per dataset (convert.py)
+RAW_MAX_SIDE = 64  # beton mode "auto": raw pixels when train's median longer side is at most this
+
+__all__ = [
+    "BETON_MODES",
+    "BETON_MODE_CHOICES",
+    "FORMATS",
+    "RAW_MAX_SIDE",
+    "beton",
+    "children",
+    "convert",
+    "kernels",
+    "recordio",
+    "sources",
+    "synthetic",
+]

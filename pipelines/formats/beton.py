@@ -8,6 +8,15 @@
 FFCV's writer waits for a sample counter that a crashed worker never advances (it would hang), so
 the dataset is wrapped: a sample that fails is logged, replaced by a black pixel and flagged, and the
 flag turns into an exception once the writer returns; the temporary file is then removed.
+
+Reproducible bytes. FFCV's workers take chunks from a shared queue and book file pages as they fill
+them, so with several workers the page layout (and the allocation table's order) depends on timing.
+After such a write the file is rewritten in its canonical layout: samples in index order, packed into
+pages by FFCV's own rule (a sample that does not fit the rest of a page starts the next one), the
+allocation table sorted by sample -- exactly what one worker writes, so any ``num_workers`` gives the
+same bytes. The one random draw of FFCV's encoder (``proportion`` mode's coin) is seeded per sample.
+Writer processes die with us (:mod:`.children`): a killed writer leaves no worker behind holding the
+temporary file or the ``/dev/shm`` metadata segment.
 """
 
 from __future__ import annotations
@@ -23,11 +32,12 @@ import numpy as np
 
 from ressl.io import fsync_dir, temp_name
 
-__all__ = ["BETON_MODES", "BetonError", "SampleSource", "beton_fields", "write_beton"]
+from . import BETON_MODES
+from .children import children_die_with_us
+
+__all__ = ["BetonError", "SampleSource", "beton_fields", "canonicalize_beton", "write_beton"]
 
 log = logging.getLogger(__name__)
-
-BETON_MODES = ("raw", "jpg", "proportion", "smart")
 
 
 class BetonError(RuntimeError):
@@ -45,14 +55,16 @@ class SampleSource(Protocol):
 class _Guarded:
     """Wraps a sample source so that a failing sample cannot hang FFCV's writer (see module doc)."""
 
-    def __init__(self, samples: SampleSource, failed: Any) -> None:
+    def __init__(self, samples: SampleSource, failed: Any, seed: int) -> None:
         self.samples = samples
         self.failed = failed
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        np.random.seed([self.seed, i])  # FFCV's encoder draws from numpy's global RNG right after this
         try:
             image, label = self.samples[i]
             image = np.ascontiguousarray(image, dtype=np.uint8)
@@ -92,6 +104,7 @@ def write_beton(
     compress_p: float = 0.5,
     num_workers: int = 1,
     chunk_size: int = 100,
+    seed: int = 0,
 ) -> int:
     """Write ``samples`` (``(uint8 [H,W,3], int label)`` by index) to ``path`` with FFCV's writer.
 
@@ -102,8 +115,9 @@ def write_beton(
         max_side: longer image side cap applied by FFCV before encoding (0 = keep).
         quality: JPEG quality for jpg-encoded images.
         compress_p: fraction JPEG-encoded in ``proportion`` mode.
-        num_workers: writer processes.
+        num_workers: writer processes (the file's bytes do not depend on it).
         chunk_size: samples handed to a worker at a time.
+        seed: seeds ``proportion`` mode's per-sample JPEG-or-raw coin.
 
     Returns:
         The number of samples written.
@@ -120,16 +134,82 @@ def write_beton(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     failed = mp.Value("q", -1)
+    workers = min(num_workers, n)
+    raw_tmp = temp_name(path.with_name(path.name + ".unordered")) if workers > 1 else tmp
     try:
-        writer = DatasetWriter(str(tmp), fields, num_workers=min(num_workers, n))
-        writer.from_indexed_dataset(_Guarded(samples, failed), chunksize=max(1, min(chunk_size, n)))
+        writer = DatasetWriter(str(raw_tmp), fields, num_workers=workers)
+        with children_die_with_us():
+            writer.from_indexed_dataset(_Guarded(samples, failed, seed), chunksize=max(1, min(chunk_size, n)))
         if failed.value >= 0:
             raise BetonError(f"writing {str(path)!r}: sample {failed.value} failed (see the log above); "
                              "no file was written")
+        if raw_tmp != tmp:
+            canonicalize_beton(raw_tmp, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+        raw_tmp.unlink(missing_ok=True)
     return n
+
+
+def canonicalize_beton(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rewrite the .beton ``src`` into ``dst`` in the layout one FFCV worker writes (see module doc).
+
+    Samples' data are copied in index order into fresh pages (a sample starts a new page when its
+    allocations do not fit the rest of the current one), the pointers in the metadata follow them,
+    and the allocation table is sorted by sample. Headers, field descriptors and metadata other than
+    pointers are copied as they are.
+    """
+    from ffcv.types import ALLOC_TABLE_TYPE, FieldDescType, HeaderType, get_handlers, get_metadata_type
+    from ffcv.utils import align_to_page
+
+    src, dst = Path(src), Path(dst)
+    # Structured arrays are read through bytearrays: numpy's copy() of a padded dtype does not keep
+    # the padding bytes, and the bytes must not change.
+    header = np.frombuffer(bytearray(np.fromfile(src, np.uint8, HeaderType.itemsize)), HeaderType)[0]
+    n, page_size = int(header["num_samples"]), int(header["page_size"])
+    descs = np.fromfile(src, dtype=FieldDescType, count=int(header["num_fields"]), offset=HeaderType.itemsize)
+    meta_start = HeaderType.itemsize + descs.nbytes
+    meta_type = get_metadata_type(get_handlers(descs))
+    meta = np.frombuffer(bytearray(np.fromfile(src, np.uint8, n * meta_type.itemsize, offset=meta_start)), meta_type)
+    table = np.fromfile(src, dtype=ALLOC_TABLE_TYPE, offset=int(header["alloc_table_ptr"]))
+    table = table[np.argsort(table["sample_id"], kind="stable")].copy()  # keeps each sample's own order
+    ptr_fields = [name for name in meta_type.names if "data_ptr" in (meta_type[name].names or ())]
+    data = np.memmap(src, dtype=np.uint8, mode="r")
+    start = align_to_page(meta_start + meta.nbytes, page_size)
+    new_ptr = np.empty(len(table), dtype=np.uint64)
+    bounds = np.flatnonzero(np.r_[True, table["sample_id"][1:] != table["sample_id"][:-1], True])
+    with open(dst, "wb") as f:
+        f.write(b"\0" * start)  # header, descriptors and metadata are written over this at the end
+        page, used, buf = -1, page_size, np.zeros(page_size, np.uint8)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            sizes = table["size"][a:b].astype(np.int64)
+            if used + int(sizes.sum()) > page_size:
+                if page >= 0:
+                    f.write(buf.tobytes())
+                page, used = page + 1, 0
+                buf.fill(0)
+            for k in range(a, b):
+                old, size = int(table["ptr"][k]), int(sizes[k - a])
+                buf[used:used + size] = data[old:old + size]
+                new_ptr[k] = start + page * page_size + used
+                used += size
+        if page >= 0:
+            f.write(buf.tobytes())
+        remap = dict(zip(table["ptr"].tolist(), new_ptr.tolist()))
+        rows = meta.view(np.uint8).reshape(n, meta_type.itemsize)
+        for name in ptr_fields:
+            at = meta_type.fields[name][1] + meta_type[name].fields["data_ptr"][1]
+            ptrs = np.array([remap[int(p)] for p in meta[name]["data_ptr"]], dtype="<u8")
+            rows[:, at:at + 8] = ptrs.view(np.uint8).reshape(n, 8)
+        table["ptr"] = new_ptr
+        header["alloc_table_ptr"] = f.tell()
+        f.write(table.tobytes())
+        f.seek(0)
+        f.write(header.tobytes())
+        f.write(descs.tobytes())
+        f.write(meta.tobytes())
+    del data

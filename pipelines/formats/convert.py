@@ -5,13 +5,29 @@ sources that are not one already), ``SPLIT.rec`` + ``SPLIT.idx`` (MXNet RecordIO
 (FFCV), then ``manifest.json``: source, classes, counts per split and class, every skipped or
 converted file with its reason, the format parameters and a SHA-256 of each output.
 
+Records are written in a **seeded random order** (RecordIO and .beton alike): split ``S`` visits its
+source samples in ``numpy.random.default_rng([seed, crc32(S)]).permutation(n)``, skipped files
+dropped, as ``im2rec --shuffle`` and FFCV's writers are normally used; readers that take contiguous
+shards plus a small shuffle buffer (DALI's ``readers.mxnet``) then still see every class. Labels are
+unchanged; a RecordIO record's ``id`` is the sample's index in its source split, and the manifest
+records the seed. The tree is not ordered (its files are sorted by name, as ImageFolder lists them).
+
 Two passes per split. The *encode* pass (``workers`` processes) opens every image once: bad files are
 classified (skipped: empty, not an image, truncated/corrupt; converted to RGB JPEG: CMYK, grayscale,
 palette, PNG or other formats, with the reason), record payloads are produced (source JPEG bytes
 passed through untouched when possible; PNG for in-memory arrays, lossless) and tree files are
-written. The *beton* pass hands the good samples to FFCV's writer. Every output is written under a
-temporary name and renamed when complete, and the manifest is rewritten after each one, so a re-run
-skips what is finished (same parameters, files present with the recorded sizes) and ``force`` rebuilds.
+written; 16-bit images are scaled to 8 bits (``v / 257``, not clipped). The *beton* pass hands the
+good samples to FFCV's writer. Every output is written under a temporary name and renamed when
+complete, and the manifest is rewritten after each one, so a re-run skips what is finished (same
+parameters, same source fingerprint -- names, sizes and modification times of the source files --
+and files present with the recorded sizes), rebuilds what the source changed under, saying so, and
+``force`` rebuilds everything. Worker processes die with the converter (:mod:`.children`), and any
+``workers`` count writes the same bytes.
+
+``beton_mode="auto"`` is decided **once per dataset**: raw pixels when the median longer side of the
+first split converted (train) is at most :data:`~pipelines.formats.RAW_MAX_SIDE` px, JPEG otherwise;
+every split uses that mode (recorded as ``beton_auto`` in the manifest), so one odd image cannot
+flip a split, and train and val are stored alike.
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -35,17 +52,16 @@ import numpy as np
 
 from ressl.io import atomic_write_json, fsync_dir, remove_stale_temps, replace_dir, temp_name
 
-from . import kernels
+from . import BETON_MODE_CHOICES, FORMATS, RAW_MAX_SIDE, kernels
+from .children import die_with_parent
 from .sources import ArraySplit, FileSplit, Source, SourceError
 
-__all__ = ["FORMATS", "ConvertError", "ConvertOptions", "convert", "inspect_image", "load_manifest"]
+__all__ = ["ConvertError", "ConvertOptions", "convert", "inspect_image", "load_manifest", "record_order"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("folder", "rec", "beton")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-RAW_MAX_SIDE = 64  # beton mode "auto": raw pixels up to this side, JPEG above
 UNLABELED_DIR = "_unlabeled"  # class folder of label -1 samples in ImageFolder trees
 _JPEG_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif")
 
@@ -61,12 +77,13 @@ class ConvertOptions:
     formats: tuple[str, ...] = ("beton", "rec")
     max_side: int = 0  # cap on the longer side of re-encoded / .beton JPEG images; 0 = keep
     quality: int = 90  # JPEG quality of re-encoded images
-    beton_mode: str = "auto"  # auto | raw | jpg | proportion | smart
+    beton_mode: str = "auto"  # one of BETON_MODE_CHOICES; auto = raw or jpg, decided once per dataset
     compress_p: float = 0.5  # JPEG fraction in beton "proportion" mode
     workers: int = 1  # processes for the encode pass and FFCV's writer
     force: bool = False  # rebuild outputs even when the manifest says they are finished
     chunk_size: int = 256  # records framed per Numba call
     progress: bool | None = None  # tqdm bars; None = only on a terminal
+    seed: int = 0  # of the records' random order (and of .beton "proportion" mode's coin)
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -76,14 +93,21 @@ class ConvertOptions:
             raise ConvertError(f"max_side must be >= 0 (0 keeps the size), got {self.max_side}")
         if not 1 <= self.quality <= 100:
             raise ConvertError(f"quality must be in [1, 100], got {self.quality}")
-        if self.beton_mode not in ("auto", "raw", "jpg", "proportion", "smart"):
-            raise ConvertError(f"beton_mode must be auto, raw, jpg, proportion or smart, got {self.beton_mode!r}")
+        if self.beton_mode not in BETON_MODE_CHOICES:
+            raise ConvertError(f"beton_mode must be one of {', '.join(BETON_MODE_CHOICES)}, got {self.beton_mode!r}")
         if not 0.0 <= self.compress_p <= 1.0:
             raise ConvertError(f"compress_p must be in [0, 1], got {self.compress_p}")
         if self.workers < 1:
             raise ConvertError(f"workers must be >= 1, got {self.workers}")
         if self.chunk_size < 1:
             raise ConvertError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.seed < 0:
+            raise ConvertError(f"seed must be >= 0, got {self.seed}")
+
+
+def record_order(seed: int, split_name: str, n: int) -> np.ndarray:
+    """The order split ``split_name``'s ``n`` source samples are written in (int64 [n], a permutation)."""
+    return np.random.default_rng([seed, zlib.crc32(split_name.encode())]).permutation(n).astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,6 +140,35 @@ def _encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per sample
+
+
+def _to_rgb(img: Any) -> Any:
+    """``img`` as an 8-bit RGB PIL image; 16-bit and 32-bit grey images are scaled, not clipped.
+
+    Pillow's own ``convert("RGB")`` clips a 16-bit value v to min(v, 255): almost every pixel of a
+    16-bit photo becomes white. Here 16-bit data become ``round(v / 257)`` (65535 -> 255), and 32-bit
+    integer or float data are scaled from their own range (0..65535 when they fit it, else min..max).
+    """
+    from PIL import Image
+
+    if img.mode not in _WIDE_MODES:
+        return img.convert("RGB") if img.mode != "RGB" else img
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535 and img.mode == "I"):
+        grey = a / 257.0
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        grey = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.round(grey).clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+def _wide_reason(mode: str) -> str:
+    what = "16-bit" if mode.startswith("I;16") else ("32-bit float" if mode == "F" else "32-bit integer")
+    how = "v / 257" if mode.startswith("I;16") else "16-bit range or min..max"
+    return f"{what} grey ({mode}) scaled to 8 bits ({how})"
+
+
 def _target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     plan = kernels.resize_plan(np.array([width], np.int64), np.array([height], np.int64), max_side)
     return int(plan[0, 0]), int(plan[0, 1])
@@ -146,7 +199,9 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
             if fmt != "JPEG":
                 ext = Path(path).suffix.lower()
                 reasons.append(f"{fmt} data in a '{ext}' file" if ext in _JPEG_EXTS else f"{fmt} image")
-            if mode != "RGB":
+            if mode in _WIDE_MODES:
+                reasons.append(_wide_reason(mode))
+            elif mode != "RGB":
                 reasons.append(f"{mode} colour mode")
             status = "converted" if reasons else "ok"
             target = _target_size(width, height, max_side)
@@ -159,7 +214,7 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
             img.load()
             if not want_payload:
                 return Inspection(status, "; ".join(reasons), width, height)
-            rgb = img.convert("RGB") if mode != "RGB" else img
+            rgb = _to_rgb(img)
             tree_bytes = _encode_jpeg(rgb, quality) if reasons else None
             if target != (width, height):
                 payload = _encode_jpeg(rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0), quality)
@@ -181,7 +236,7 @@ def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
     with Image.open(path) as img:
         if max_side and img.format == "JPEG":
             img.draft("RGB", _target_size(img.size[0], img.size[1], max_side))
-        return np.asarray(img.convert("RGB"))
+        return np.asarray(_to_rgb(img))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,20 +281,22 @@ def _encode_one(i: int) -> tuple[int, str, str, int, int, bytes | None]:
     return i, ins.status, ins.reason, ins.width, ins.height, ins.payload if job["rec"] else None
 
 
-def _run_pool(n: int, workers: int, desc: str, progress: bool | None) -> Iterator[tuple]:
+def _run_pool(order: np.ndarray, workers: int, desc: str, progress: bool | None) -> Iterator[tuple]:
+    """``_encode_one`` of every index in ``order``, results in that order (workers die with us)."""
     from tqdm import tqdm
 
+    n = len(order)
     bar = tqdm(total=n, desc=desc, unit="img", disable=None if progress is None else not progress,
                file=sys.stderr, mininterval=1.0)
     try:
         if workers == 1 or n < 2:
-            for i in range(n):
+            for i in order.tolist():
                 yield _encode_one(i)
                 bar.update()
         else:
             ctx = mp.get_context("fork")
-            with ctx.Pool(min(workers, n)) as pool:
-                for result in pool.imap(_encode_one, range(n), chunksize=max(1, min(64, n // (4 * workers)))):
+            with ctx.Pool(min(workers, n), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+                for result in pool.imap(_encode_one, order.tolist(), chunksize=max(1, min(64, n // (4 * workers)))):
                     yield result
                     bar.update()
     finally:
@@ -324,8 +381,9 @@ class _BetonSamples:
 
 def _encode_pass(
     source: Source, split_name: str, split: ArraySplit | FileSplit, out: Path, opts: ConvertOptions,
-    want_tree: bool, want_rec: bool,
+    want_tree: bool, want_rec: bool, order: np.ndarray,
 ) -> _SplitResult:
+    """Visit ``order``'s samples: classify, write tree files and records; ``good`` comes back in that order."""
     from .recordio import RecordIOWriter
 
     n = len(split)
@@ -341,10 +399,11 @@ def _encode_pass(
     bad: list[dict[str, str]] = []
     payloads: list[bytes] = []
     labels: list[int] = []
+    ids: list[int] = []
     what = "+".join(w for w, on in (("tree", want_tree), ("rec", want_rec), ("scan", True)) if on)
     t0 = time.perf_counter()
     try:
-        for i, status, reason, w, h, payload in _run_pool(n, opts.workers, f"{source.name}/{split_name} {what}",
+        for i, status, reason, w, h, payload in _run_pool(order, opts.workers, f"{source.name}/{split_name} {what}",
                                                           opts.progress):
             if status == "skipped":
                 bad.append({"split": split_name, "file": _describe(split, i), "action": "skipped", "reason": reason})
@@ -357,14 +416,15 @@ def _encode_pass(
             if writer is not None:
                 payloads.append(payload or b"")
                 labels.append(int(split.labels[i]))
+                ids.append(i)
                 if len(payloads) >= opts.chunk_size:
-                    writer.write_many(payloads, labels)
-                    payloads, labels = [], []
+                    writer.write_many(payloads, labels, ids)
+                    payloads, labels, ids = [], [], []
         if not good:
             raise ConvertError(f"{source.name}/{split_name}: none of the {n} images could be read "
                                f"(first problem: {bad[0]['reason'] if bad else 'no images'})")
         if writer is not None:
-            writer.write_many(payloads, labels)
+            writer.write_many(payloads, labels, ids)
             writer.close()
         if tree is not None:
             os.sync()  # one flush for all tree files: fsync per file costs ~5 ms each (9 s for the demo)
@@ -390,10 +450,25 @@ def _describe(split: ArraySplit | FileSplit, i: int) -> str:
     return split.names[i] if split.names is not None else f"#{i}"
 
 
-def _beton_mode(opts: ConvertOptions, longest: int) -> str:
+def _beton_mode(opts: ConvertOptions, manifest: dict[str, Any], split_name: str, longer: np.ndarray) -> str:
+    """The .beton mode of this split: ``opts.beton_mode``, or the dataset's ``auto`` decision (module doc).
+
+    The first split converted decides (and records it in the manifest); later splits reuse it.
+    """
     if opts.beton_mode != "auto":
         return opts.beton_mode
-    return "raw" if 0 < longest <= RAW_MAX_SIDE else "jpg"
+    decided = manifest.get("beton_auto")
+    if decided and decided.get("split") != split_name:
+        return str(decided["mode"])
+    median = float(np.median(longer)) if longer.size else 0.0
+    mode = "raw" if 0 < median <= RAW_MAX_SIDE else "jpg"
+    manifest["beton_auto"] = {"mode": mode, "split": split_name, "median_longer_side": median,
+                              "rule": f"raw when the median longer side of {split_name} is <= {RAW_MAX_SIDE} px, "
+                                      "else jpg; every split uses this mode"}
+    odd = int((longer > RAW_MAX_SIDE).sum()) if mode == "raw" else 0
+    log.info("beton mode auto -> %s for every split (median longer side of %s: %.0f px%s)", mode, split_name, median,
+             f"; {odd} larger images stored raw too" if odd else "")
+    return mode
 
 
 def _count_per_class(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
@@ -424,6 +499,10 @@ def convert(source: Source, out_root: str | os.PathLike, opts: ConvertOptions | 
     manifest.setdefault("splits", {})
     manifest.setdefault("outputs", {})
     manifest.setdefault("bad_files", [])
+    manifest["skipped_classes"] = source.skipped_classes
+    manifest["order"] = {"seed": opts.seed, "rule": "records of split S in numpy.random.default_rng([seed, "
+                         "crc32(S)]).permutation(n) of its source samples, skipped files dropped; labels unchanged; "
+                         "a RecordIO record's id is its source index"}
     common = {"dataset": source.name, "source": source.info}
     for split_name in source.splits:
         _convert_split(source, split_name, out, opts, manifest, common)
@@ -437,15 +516,21 @@ def _convert_split(
     common: dict[str, Any],
 ) -> None:
     tree_key, rec_key, beton_key = f"{split_name}/", f"{split_name}.rec", f"{split_name}.beton"
+    fingerprint = source.fingerprint(split_name)
+    previous = manifest["splits"].get(split_name, {}).get("source_fingerprint")
+    if previous and previous != fingerprint:
+        log.warning("%s/%s: the source changed since the last conversion (file names, sizes or modification "
+                    "times differ): rebuilding its outputs", source.name, split_name)
+    common = {**common, "source_fingerprint": fingerprint}
     link_tree = split_name in source.folder_splits
     want_tree = (not link_tree) or "folder" in opts.formats
     tree_params = {**common, "tree": "link" if link_tree else "copy"}
-    rec_params = {**common, "max_side": opts.max_side, "quality": opts.quality}
+    rec_params = {**common, "max_side": opts.max_side, "quality": opts.quality, "seed": opts.seed}
     todo_tree = want_tree and (opts.force or not _is_done(out, manifest, tree_key, tree_params))
     todo_rec = "rec" in opts.formats and (opts.force or not _is_done(out, manifest, rec_key, rec_params))
     beton_wanted = "beton" in opts.formats
     done_beton = beton_wanted and not opts.force and any(
-        _is_done(out, manifest, beton_key, {**common, **p}) for p in _beton_param_options(opts))
+        _is_done(out, manifest, beton_key, {**common, **p}) for p in _beton_param_options(opts, manifest, split_name))
     todo_beton = beton_wanted and not done_beton
     if not (todo_tree or todo_rec or todo_beton):
         log.info("%s/%s: all requested outputs are finished (manifest); use --force to rebuild", source.name,
@@ -461,9 +546,10 @@ def _convert_split(
         atomic_write_json(out / MANIFEST, manifest)
         todo_tree = False
 
+    order = record_order(opts.seed, split_name, len(split))
     result = None
     if todo_tree or todo_rec or (todo_beton and isinstance(split, FileSplit)):
-        result = _encode_pass(source, split_name, split, out, opts, todo_tree, todo_rec)
+        result = _encode_pass(source, split_name, split, out, opts, todo_tree, todo_rec, order)
         manifest["bad_files"] = [b for b in manifest["bad_files"] if b["split"] != split_name] + result.bad
         labels = split.labels[result.good]
         manifest["splits"][split_name] = {
@@ -471,7 +557,9 @@ def _convert_split(
             "skipped": sum(b["action"] == "skipped" for b in result.bad),
             "converted": sum(b["action"] != "skipped" for b in result.bad),
             "per_class": _count_per_class(labels, source.classes),
+            "source_fingerprint": fingerprint,
         }
+        _warn_classes_without_images(manifest["splits"][split_name], source, split_name)
         if todo_tree:
             manifest["outputs"][tree_key] = {"params": tree_params,
                                              "files": {tree_key: {"kind": "dir", "count": int(labels.shape[0])}}}
@@ -483,21 +571,22 @@ def _convert_split(
     if todo_beton:
         if result is None:  # in-memory arrays: all samples are good
             n = len(split)
-            good = np.arange(n, dtype=np.int64)
+            good = order
             sizes = np.tile(np.array([split.images.shape[2], split.images.shape[1]]), (n, 1))
             manifest["splits"][split_name] = {"count": n, "skipped": 0, "converted": 0,
-                                              "per_class": _count_per_class(split.labels, source.classes)}
+                                              "per_class": _count_per_class(split.labels, source.classes),
+                                              "source_fingerprint": fingerprint}
+            _warn_classes_without_images(manifest["splits"][split_name], source, split_name)
         else:
             good, sizes = result.good, result.sizes
-        longest = int(sizes[good].max()) if good.size else 0
-        mode = _beton_mode(opts, longest)
+        mode = _beton_mode(opts, manifest, split_name, sizes[good].max(axis=1))
         params = {**common, **_beton_params(opts, mode)}
         from .beton import beton_fields, write_beton
 
         beton_fields(mode)  # imports FFCV (seconds of Numba set-up) outside the timed section
         t0 = time.perf_counter()
         write_beton(out / beton_key, _BetonSamples(split, good, opts.max_side), mode=mode, max_side=opts.max_side,
-                    quality=opts.quality, compress_p=opts.compress_p, num_workers=opts.workers)
+                    quality=opts.quality, compress_p=opts.compress_p, num_workers=opts.workers, seed=opts.seed)
         dt = time.perf_counter() - t0
         log.info("%s/%s beton (%s): %d images in %.1f s (%.0f img/s)", source.name, split_name, mode, good.size, dt,
                  good.size / max(dt, 1e-9))
@@ -506,8 +595,19 @@ def _convert_split(
         atomic_write_json(out / MANIFEST, manifest)
 
 
+def _warn_classes_without_images(info: dict[str, Any], source: Source, split_name: str) -> None:
+    """Say so (log and manifest) when a labelled train split has a class left with no image."""
+    if split_name != "train":
+        return
+    empty = [c for c in source.classes if not info["per_class"].get(c)]
+    if empty:
+        info["classes_without_images"] = empty
+        log.warning("%s/%s: %d class(es) have no readable image (all skipped): %s", source.name, split_name,
+                    len(empty), empty[:5])
+
+
 def _beton_params(opts: ConvertOptions, mode: str) -> dict[str, Any]:
-    p: dict[str, Any] = {"mode": mode, "max_side": opts.max_side}
+    p: dict[str, Any] = {"mode": mode, "max_side": opts.max_side, "seed": opts.seed}
     if mode != "raw":
         p.update(quality=opts.quality)
     if mode == "proportion":
@@ -515,9 +615,16 @@ def _beton_params(opts: ConvertOptions, mode: str) -> dict[str, Any]:
     return p
 
 
-def _beton_param_options(opts: ConvertOptions) -> list[dict[str, Any]]:
-    """Parameter sets a finished .beton may carry for these options (``auto`` resolves to raw or jpg)."""
-    modes = ["raw", "jpg"] if opts.beton_mode == "auto" else [opts.beton_mode]
+def _beton_param_options(opts: ConvertOptions, manifest: dict[str, Any], split_name: str) -> list[dict[str, Any]]:
+    """Parameter sets a finished .beton may carry for these options (``auto``: the dataset's decision
+    when another split made it, else raw or jpg)."""
+    decided = manifest.get("beton_auto")
+    if opts.beton_mode != "auto":
+        modes = [opts.beton_mode]
+    elif decided and decided.get("split") != split_name:
+        modes = [str(decided["mode"])]
+    else:
+        modes = ["raw", "jpg"]
     return [_beton_params(opts, m) for m in modes]
 
 

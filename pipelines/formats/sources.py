@@ -6,12 +6,24 @@ memory: demo, CIFAR, STL-10) or a :class:`FileSplit` (encoded image files on dis
 ImageFolder trees, Tiny-ImageNet). Splits load lazily so a re-run that finds every output finished
 never reads a 2.7 GB archive.
 
-Every constructor validates its inputs (missing archive, missing split, empty class folder) and raises
-:class:`SourceError` naming the path and what was expected, before any conversion starts.
+Every constructor validates its inputs (missing archive, missing split, no images at all) and raises
+:class:`SourceError` naming the path and what was expected, before any conversion starts. Class
+folders are listed by :mod:`pipelines.folder`, the listing the loaders use.
+
+An **empty class folder** in train (no visible file) is left out of the class list with a warning
+naming it, and recorded in the manifest (``skipped_classes``): a class index without images would
+only mislead a classifier's metrics. It is an error instead when val has images of that class (val
+labels must come from train's list) or when ``--classes`` names it.
+
+Each split has a :meth:`Source.fingerprint`: a SHA-256 over the names, sizes and modification times of
+the files it is read from (image files, archives, ground-truth and class-list files), so a re-run
+notices a changed source.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -20,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipelines.folder import class_dirs, list_files
 
 __all__ = [
     "ArraySplit",
@@ -94,6 +108,10 @@ class Source:
             linked, not copied, and only when the "folder" format is asked for).
         info: JSON-able description (source path, archive names) stored in the manifest.
         max_side_hint: the longest image side when known without decoding (32 for CIFAR), else 0.
+        stamp_paths: files that in-memory (array) splits are read from, for the fingerprint; None for
+            sources whose splits list their image files (those files are stamped instead).
+        label_files: ground-truth / class-list files the labels come from (stamped for every split).
+        skipped_classes: empty class folders left out of ``classes``: ``{"class", "reason"}`` each.
     """
 
     name: str
@@ -102,6 +120,9 @@ class Source:
     folder_splits: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     max_side_hint: int = 0
+    stamp_paths: list[str] | None = None
+    label_files: list[str] = field(default_factory=list)
+    skipped_classes: list[dict[str, str]] = field(default_factory=list)
     _cache: dict[str, Split] = field(default_factory=dict, repr=False)
 
     @property
@@ -115,6 +136,20 @@ class Source:
         if name not in self._cache:
             self._cache[name] = self.loaders[name]()
         return self._cache[name]
+
+    def fingerprint(self, name: str) -> str:
+        """SHA-256 of what split ``name`` is read from: (path, size, mtime) of each file, the classes and
+        ``info``. Cheap: array splits stamp their archive instead of loading it."""
+        paths = self.stamp_paths if self.stamp_paths is not None else list(getattr(self.split(name), "paths", []))
+        h = hashlib.sha256(json.dumps([self.name, name, self.classes, self.info], sort_keys=True,
+                                      default=str).encode())
+        for path in [*paths, *self.label_files]:
+            try:
+                st = os.stat(path)
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError:
+                h.update(f"{path}\0missing\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +204,7 @@ def demo_source(size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> Sou
         info={"origin": "sklearn.datasets.load_digits", "size": size, "val_fraction": val_fraction,
               "seed": seed},
         max_side_hint=size,
+        stamp_paths=[],
     )
 
 
@@ -192,6 +228,10 @@ class _Archive:
 
     def describe(self) -> str:
         return str(self.tar or self.root)
+
+    def stamp_paths(self, members: list[str]) -> list[str]:
+        """The files a fingerprint stamps: the archive itself, or the extracted members."""
+        return [str(self.tar)] if self.tar is not None else [str(self.root / m) for m in members]
 
     def open(self, member: str) -> Any:
         """A binary file object for ``member`` (a path inside the archive's top folder)."""
@@ -346,7 +386,8 @@ def cifar_source(name: str = "cifar10", src: Path | None = None, out: Path | Non
         return run
 
     return Source(name=name, classes=classes, loaders={"train": load(train_m), "val": load(val_m)},
-                  info={"origin": name, "archive": str(arch.describe())}, max_side_hint=32)
+                  info={"origin": name, "archive": str(arch.describe())}, max_side_hint=32,
+                  stamp_paths=arch.stamp_paths([*train_m, *val_m, meta_m]))
 
 
 STL_SIDE = 96
@@ -413,24 +454,12 @@ def stl10_source(src: Path | None = None, out: Path | None = None) -> Source:
 
     return Source(name="stl10", classes=classes,
                   loaders={"train": labeled("train"), "val": labeled("test"), "unlabeled": unlabeled},
-                  info={"origin": "stl10", "archive": arch.describe()}, max_side_hint=STL_SIDE)
+                  info={"origin": "stl10", "archive": arch.describe()}, max_side_hint=STL_SIDE,
+                  stamp_paths=arch.stamp_paths(members))
 
 
 # ------------------------------------------------------------------------------------------------
 # image files: ImageFolder trees, ImageNet, Tiny-ImageNet
-
-
-def _list_files(directory: Path) -> list[str]:
-    """Every visible regular file under ``directory`` (recursively, sorted); bad ones are judged later."""
-    found = []
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
-    return found
-
-
-def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _read_class_list(path: str | Path) -> list[str]:
@@ -459,19 +488,47 @@ def _select_classes(classes_file: str | Path | None, available: list[str], where
 def _folder_split(split_dir: Path, classes: list[str], what: str) -> FileSplit:
     paths: list[str] = []
     labels: list[int] = []
-    present = set(_class_dirs(split_dir))
+    present = set(class_dirs(split_dir))
     missing = [c for c in classes if c not in present]
     if missing and what.endswith("/train"):
         raise SourceError(f"{split_dir}: class folders {missing[:5]} (of {len(missing)}) are missing")
     for label, c in enumerate(classes):
         if c not in present:
             continue
-        files = _list_files(split_dir / c)
+        files = list_files(split_dir / c)
         paths += files
         labels += [label] * len(files)
     if not paths:
         raise SourceError(f"{split_dir}: no files in any class folder ({what})")
     return FileSplit(paths, np.asarray(labels, dtype=np.int64))
+
+
+def _drop_empty_classes(train: Path, classes: list[str], classes_file: str | None, val: Path | None,
+                        name: str) -> tuple[list[str], list[dict[str, str]]]:
+    """``classes`` without the empty class folders of ``train`` (warned and returned; see module doc).
+
+    Raises:
+        SourceError: every class folder is empty, ``classes_file`` names an empty one, or val has
+            images of one.
+    """
+    empty = [c for c in classes if (train / c).is_dir() and not list_files(train / c)]
+    if not empty:
+        return classes, []
+    if len(empty) == len(classes):
+        raise SourceError(f"{train}: no files in any class folder ({name}/train)")
+    if classes_file:
+        raise SourceError(f"--classes {classes_file}: class folder(s) {empty[:5]} of {train} are empty; "
+                          "add images or leave them out of the list")
+    if val is not None and val.is_dir():
+        in_val = [c for c in empty if (val / c).is_dir() and list_files(val / c)]
+        if in_val:
+            raise SourceError(f"{train}: class folder(s) {in_val[:5]} are empty but {val} has images of them; "
+                              "labels come from train's classes, so add train images or remove those val folders")
+    for c in empty:
+        log.warning("%s: class folder %r is empty: left out of the class list (labels of the other classes "
+                    "follow the remaining sorted names; recorded in the manifest as skipped_classes)", train, c)
+    skipped = [{"class": c, "reason": f"empty class folder {train / c}"} for c in empty]
+    return [c for c in classes if c not in empty], skipped
 
 
 def folder_source(src: Path | None = None, out: Path | None = None, classes_file: str | None = None,
@@ -486,19 +543,21 @@ def folder_source(src: Path | None = None, out: Path | None = None, classes_file
     if not src.is_dir():
         raise SourceError(f"{name}: --src {src} is not a directory")
     splits = {s: src / s for s in ("train", "val") if (src / s).is_dir()} or {"train": src}
-    all_classes = _class_dirs(splits["train"])
+    all_classes = class_dirs(splits["train"])
     if not all_classes:
         raise SourceError(f"{splits['train']}: no class folders (expected {splits['train']}/<class>/<image>)")
     classes = _select_classes(classes_file, all_classes, splits["train"])
+    classes, skipped = _drop_empty_classes(splits["train"], classes, classes_file, splits.get("val"), name)
     if "val" in splits:
-        extra = [c for c in _class_dirs(splits["val"]) if c not in all_classes]
+        extra = [c for c in class_dirs(splits["val"]) if c not in all_classes]
         if extra:
             raise SourceError(f"{splits['val']}: class folders {extra[:5]} do not exist in {splits['train']}")
     listed = {s: _folder_split(d, classes, f"{name}/{s}") for s, d in splits.items()}
     linkable = {s: str(d) for s, d in splits.items()} if classes == all_classes else {}
     return Source(name=name, classes=classes, loaders={s: (lambda s=s: listed[s]) for s in listed},
                   folder_splits=linkable, info={"origin": "folder", "src": str(src.resolve()),
-                                                "classes_file": classes_file})
+                                                "classes_file": classes_file},
+                  label_files=[classes_file] if classes_file else [], skipped_classes=skipped)
 
 
 def _imagenet_val_truth(src: Path, files: list[str], wnids: list[str]) -> np.ndarray:
@@ -546,7 +605,7 @@ def imagenet_source(src: Path | None = None, out: Path | None = None, classes_fi
     if src is None or not (src / "train").is_dir():
         raise SourceError(f"{name}: --src must be the ImageNet root with train/<wnid>/*.JPEG and val/ "
                           f"(got {src})")
-    all_wnids = _class_dirs(src / "train")
+    all_wnids = class_dirs(src / "train")
     if not all_wnids:
         raise SourceError(f"{src}/train: no class folders")
     wnids = _select_classes(classes_file, all_wnids, src / "train")
@@ -555,21 +614,27 @@ def imagenet_source(src: Path | None = None, out: Path | None = None, classes_fi
         wnids = all_wnids[::step][:100]
         log.warning("imagenet100 without --classes: using every %d-th class of %s/train (%d classes); pass "
                     "--classes FILE for a standard list", step, src, len(wnids))
+    val = src / "val"
+    class_val = val if val.is_dir() and class_dirs(val) else None
+    wnids, skipped = _drop_empty_classes(src / "train", wnids, classes_file, class_val, name)
     listed: dict[str, FileSplit] = {"train": _folder_split(src / "train", wnids, f"{name}/train")}
     folder_splits = {"train": str(src / "train")} if wnids == all_wnids else {}
-    val = src / "val"
     if val.is_dir():
-        if _class_dirs(val):
+        if class_val is not None:
             listed["val"] = _folder_split(val, wnids, f"{name}/val")
             if wnids == all_wnids:
                 folder_splits["val"] = str(val)
         else:
-            files = _list_files(val)
+            files = list_files(val)
             if not files:
                 raise SourceError(f"{val}: empty")
             labels = _imagenet_val_truth(src, files, all_wnids)
             if (labels == -2).any():
                 raise SourceError(f"{src}: val ground truth names classes that are not folders of {src}/train")
+            empty_ids = {all_wnids.index(e["class"]) for e in skipped}
+            if any(int(lab) in empty_ids for lab in labels):
+                raise SourceError(f"{src}/train: class folder(s) {[e['class'] for e in skipped][:5]} are empty but "
+                                  "the val ground truth has images of them; add train images")
             keep_ids = {all_wnids.index(w) for w in wnids}
             remap = {all_wnids.index(w): i for i, w in enumerate(wnids)}
             keep = [i for i, lab in enumerate(labels) if int(lab) in keep_ids]
@@ -579,7 +644,18 @@ def imagenet_source(src: Path | None = None, out: Path | None = None, classes_fi
         log.warning("%s: no val/ folder; only train is converted", src)
     return Source(name=name, classes=wnids, loaders={s: (lambda s=s: listed[s]) for s in listed},
                   folder_splits=folder_splits,
-                  info={"origin": name, "src": str(src.resolve()), "classes_file": classes_file})
+                  info={"origin": name, "src": str(src.resolve()), "classes_file": classes_file},
+                  label_files=[str(f) for f in _imagenet_label_files(src, classes_file)], skipped_classes=skipped)
+
+
+def _imagenet_label_files(src: Path, classes_file: str | None) -> list[Path]:
+    """The ground-truth and class-list files an ImageNet source's labels may come from (those present)."""
+    found = [Path(classes_file)] if classes_file else []
+    for base in (src, src.parent):
+        devkit = base / "ILSVRC2012_devkit_t12" / "data"
+        found += [f for f in (base / "LOC_val_solution.csv", devkit / "meta.mat",
+                              devkit / "ILSVRC2012_validation_ground_truth.txt") if f.is_file()]
+    return found
 
 
 def _tiny_root(src: Path | None, out: Path | None) -> Path:
@@ -628,7 +704,7 @@ def tiny_imagenet_source(src: Path | None = None, out: Path | None = None) -> So
         d = root / "train" / w / "images"
         if not d.is_dir():
             raise SourceError(f"{root}/train/{w}/images is missing")
-        files = _list_files(d)
+        files = list_files(d)
         paths += files
         labels += [index[w]] * len(files)
     train = FileSplit(paths, np.asarray(labels, dtype=np.int64))
@@ -649,7 +725,8 @@ def tiny_imagenet_source(src: Path | None = None, out: Path | None = None) -> So
     if not len(train) or not len(val):
         raise SourceError(f"{root}: no training or validation images")
     return Source(name="tiny-imagenet", classes=wnids, loaders={"train": lambda: train, "val": lambda: val},
-                  info={"origin": "tiny-imagenet", "src": str(root.resolve())}, max_side_hint=64)
+                  info={"origin": "tiny-imagenet", "src": str(root.resolve())}, max_side_hint=64,
+                  label_files=[str(root / "wnids.txt"), str(ann)])
 
 
 SOURCES: dict[str, Callable[..., Source]] = {

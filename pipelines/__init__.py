@@ -91,15 +91,15 @@ def build_loader(
     """Build the training loader of ``cfg`` for this process (shard ``rank`` of ``world_size``).
 
     Args:
-        cfg: config with the :class:`LoaderConfig` fields.
+        cfg: a :class:`LoaderConfig`, or a config with its fields (``ressl.config.Config``).
         backend: "auto", "torchvision", "dali" or "ffcv".
         split: which split to read ("train" for SSL; "unlabeled" for STL-10).
         device: where batches are delivered.
         rank, world_size: Accelerate's ``process_index`` / ``num_processes``.
         spec: recipe to use instead of ``get_recipe(cfg.recipe)``.
     """
-    if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world_size} processes")
+    cfg = LoaderConfig.of(cfg)
+    cfg.per_process_batch(world_size)  # fails before any data is read
     spec = spec or get_recipe(cfg.recipe)
     name = resolve_backend(cfg.data, backend, split)
     kwargs = dict(split=split, device=torch.device(device), rank=rank, world_size=world_size)

@@ -23,23 +23,25 @@ four jitter factors are applied in one fixed order instead of a random one, and 
 space (DALI) instead of HSV (a few grey levels on saturated colours). The blur window is the 3-sigma
 one (at most the spec's): it drops < 0.3% of the kernel's mass per axis and costs 5x less than 23 taps.
 
-Epochs and sharding. A pipeline is built at ``set_epoch(e)`` with seed ``cfg.seed + rank + e *
-world_size`` and, for small datasets, serves the following epochs too (``CHAIN_SAMPLES``): rebuilding
-drains DALI's prefetch queue, which costs whole batches per epoch. Folder data is read by
-``readers.file`` from an explicit file list in exactly the reference backend's order
-(:class:`pipelines.torchvision.ShardSampler`: a per-epoch permutation, shard ``rank::world_size``,
-whole batches only), so resuming at ``start_batch`` skips files without decoding them. RecordIO is
-read by ``readers.mxnet``, which only knows contiguous shards and a shuffle buffer: shard ``(rank + e)
-% world_size`` of the file, ``random_shuffle`` with a buffer of up to ``SHUFFLE_BUFFER`` records;
-resuming replays (decodes) the skipped batches, since the reader cannot seek. Last-batch policy for
-both: drop the partial batch; every process yields ``(N // world_size) // batch_size`` batches, so all
-processes step together with a full global batch.
+Reading, order and resume. The pipeline's input is an index-driven ``fn.external_source``: batch
+``b`` of epoch ``e`` is the samples :func:`pipelines.folder.epoch_order` gives this rank (one global
+permutation per (seed, epoch), dealt as ``DistributedSampler`` deals it), read by index from an
+ImageFolder tree or from a ``.rec`` at the ``.idx`` offsets (:mod:`pipelines.samples`). So every
+format gets class-mixed batches and a fresh order each epoch (``readers.mxnet`` could only shard
+contiguously, which kept a class-sorted file's classes apart), a resume at ``start_batch`` seeks
+straight to its batch without decoding the skipped ones, and file names that are not UTF-8 are no
+problem (Python reads the bytes). One pipeline serves consecutive epochs for as long as the caller
+asks for them in order (a rebuild would drain DALI's prefetch queue); a jump elsewhere rebuilds it.
+Before the first pipeline every sample is checked once (:func:`pipelines.samples.bad_samples`, cached
+next to the data): zero-byte, truncated, random-bytes files and corrupt records are skipped,
+counted in ``bad_files`` and reported by name (file, or record index and file). Last-batch policy:
+drop the partial batch; every process yields ``(N // world_size) // batch_size`` batches over the N
+good samples, so all processes step together with a full global batch.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,80 +59,18 @@ except ImportError as e:  # pragma: no cover - exercised only where DALI is abse
         f"(nvidia-dali-cuda130) [{e}]"
     ) from e
 
-from . import Batch, LoaderConfig
+from .batch import Batch, LoaderConfig
+from .folder import epoch_order, train_classes
+from .samples import RecordSamples, Samples, TreeSamples, bad_samples
 from .spec import RecipeSpec, ViewSpec
-from .torchvision import ImageFolderFiles, ShardSampler
 
-__all__ = [
-    "SHUFFLE_BUFFER",
-    "RecordIOIndex",
-    "DaliLoader",
-    "build_dali_loader",
-    "ressl_pipeline",
-]
+__all__ = ["DaliLoader", "IndexedSource", "build_dali_loader", "ressl_pipeline"]
 
 log = logging.getLogger(__name__)
 
-RECORDIO_MAGIC = 0xCED7230A  # = formats.kernels.RECORD_MAGIC (not imported: that pulls in Numba)
-MAGIC_CHECKS = 4096  # records of a .rec whose magic word is checked against the .idx
-CHAIN_SAMPLES = 65536  # one pipeline serves consecutive epochs up to this many samples per process
-SHUFFLE_BUFFER = 4096  # records held by readers.mxnet's shuffle buffer (memory-mapped, so cheap)
 # Decode once and crop each view from it (False), or decode each view's crop window (True); measured, see README.
 DEFAULT_FUSED_CROP = False
 _DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
-
-
-class RecordIOIndex:
-    """A checked ``<split>.rec`` + ``<split>.idx`` pair: record count and offsets.
-
-    Checked before any pipeline is built: the index must exist, parse as ``key<TAB>offset`` lines,
-    point inside the ``.rec`` file, and sampled offsets must start with the RecordIO magic word. A
-    ``.rec`` paired with an index from another file fails here instead of decoding garbage.
-    """
-
-    def __init__(self, rec: str | os.PathLike, idx: str | os.PathLike):
-        self.rec, self.idx = Path(rec), Path(idx)
-        if not self.rec.is_file():
-            raise FileNotFoundError(f"RecordIO file {str(self.rec)!r} does not exist")
-        if not self.idx.is_file():
-            raise FileNotFoundError(
-                f"RecordIO index {str(self.idx)!r} does not exist; readers.mxnet needs it next to "
-                f"{self.rec.name} (write both with `make dataset ... FORMATS=rec`)"
-            )
-        offsets = []
-        with open(self.idx) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                parts = line.split()
-                if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                    raise ValueError(f"{self.idx}:{lineno}: expected 'key<TAB>offset' (two integers), got {line!r}")
-                offsets.append(int(parts[1]))
-        if not offsets:
-            raise ValueError(f"RecordIO index {str(self.idx)!r} is empty")
-        self.offsets = np.sort(np.asarray(offsets, dtype=np.int64))
-        size = self.rec.stat().st_size
-        if self.offsets[-1] + 8 > size:
-            raise ValueError(
-                f"RecordIO index {str(self.idx)!r} points at byte {int(self.offsets[-1])} but "
-                f"{str(self.rec)!r} has only {size} bytes: the .idx belongs to another .rec"
-            )
-        data = np.memmap(self.rec, dtype=np.uint8, mode="r")
-        # Up to MAGIC_CHECKS evenly spaced records plus the last: a random read each, seconds at most on
-        # ImageNet, and an index written for another file fails on nearly every one of them.
-        probe = np.unique(np.r_[np.linspace(0, len(self.offsets) - 1, min(MAGIC_CHECKS, len(self.offsets))).astype(
-            np.int64), len(self.offsets) - 1])
-        words = data[self.offsets[probe][:, None] + np.arange(4)].astype(np.uint32)
-        magic = words[:, 0] | (words[:, 1] << 8) | (words[:, 2] << 16) | (words[:, 3] << 24)
-        bad = probe[magic != RECORDIO_MAGIC]
-        if bad.size:
-            raise ValueError(
-                f"{len(bad)} of {len(probe)} checked offsets in {str(self.idx)!r} do not start a record of "
-                f"{str(self.rec)!r} (first: byte {int(self.offsets[bad[0]])}): the .idx belongs to another .rec"
-            )
-
-    def __len__(self) -> int:
-        return len(self.offsets)
 
 
 def _decoder_device(gpu: bool) -> str:
@@ -201,76 +141,99 @@ def _view(encoded, decoded, view: ViewSpec, spec: RecipeSpec, gpu: bool, dtype, 
                                     mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std])
 
 
-@pipeline_def(enable_conditionals=True)
-def ressl_pipeline(spec: RecipeSpec, *, files: list[str] | None = None, labels: list[int] | None = None,
-                   rec: str | None = None, idx: str | None = None, shard_id: int = 0, num_shards: int = 1,
-                   shuffle_buffer: int = SHUFFLE_BUFFER, gpu: bool = False, fused_crop: bool = False,
-                   dtype=types.FLOAT, layout: str = "HWC"):
-    """Reader -> decode once -> one :func:`_view` per view of ``spec``; outputs are views then labels.
 
-    Exactly one of ``files`` (with ``labels``) or ``rec`` (with ``idx``) names the data. With
-    ``fused_crop`` each view decodes only its own crop window instead of sharing one full decode.
+
+@pipeline_def(enable_conditionals=True)
+def ressl_pipeline(spec: RecipeSpec, *, source, gpu: bool = False, fused_crop: bool = False, dtype=types.FLOAT,
+                   layout: str = "HWC"):
+    """Source -> decode once -> one :func:`_view` per view of ``spec``; outputs are views then labels.
+
+    ``source`` is called with DALI's ``BatchInfo`` and returns (encoded images, int64 labels) for that
+    batch (an :class:`IndexedSource`). With ``fused_crop`` each view decodes only its own crop window
+    instead of sharing one full decode.
     """
-    if rec is not None:
-        encoded, label = fn.readers.mxnet(path=[rec], index_path=[idx], shard_id=shard_id, num_shards=num_shards,
-                                          random_shuffle=True, initial_fill=shuffle_buffer, stick_to_shard=True,
-                                          pad_last_batch=False, name="reader")
-    else:
-        encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="reader")
+    encoded, label = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                        dtype=[types.UINT8, types.INT64])
     decoded = None if fused_crop else fn.decoders.image(encoded, device=_decoder_device(gpu), output_type=types.RGB)
     views = [_view(encoded, decoded, v, spec, gpu, dtype, layout) for v in spec.views]
     return (*views, label)
 
 
+class IndexedSource:
+    """``fn.external_source`` callable: iteration ``k`` is batch ``start_batch + k`` of the endless run of
+    epochs that begins at ``epoch`` (whole batches of :func:`epoch_order` over the good samples)."""
+
+    def __init__(self, samples: Samples, good: np.ndarray, *, batch_size: int, rank: int, world_size: int,
+                 seed: int, epoch: int, start_batch: int):
+        self.samples, self.good = samples, good
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.epoch, self.start_batch = epoch, start_batch
+        self.per_epoch = (len(good) // world_size) // batch_size
+        self._orders: dict[int, np.ndarray] = {}
+
+    def indices(self, epoch: int, batch: int) -> np.ndarray:
+        """Sample indices (into ``samples``) of batch ``batch`` of ``epoch`` for this rank."""
+        if epoch not in self._orders:
+            self._orders = {epoch: self.good[epoch_order(len(self.good), seed=self.seed, epoch=epoch, rank=self.rank,
+                                                         world_size=self.world_size)]}
+        return self._orders[epoch][batch * self.batch_size : (batch + 1) * self.batch_size]
+
+    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
+        e, b = divmod(self.start_batch + info.iteration, self.per_epoch)
+        idx = self.indices(self.epoch + e, b)
+        images = [np.frombuffer(self.samples.encoded(int(i)), dtype=np.uint8) for i in idx]
+        return images, self.samples.labels[idx].astype(np.int64)
+
+
 class DaliLoader:
-    """Per-process DALI loader that yields :class:`pipelines.Batch` on ``device``.
+    """Per-process DALI loader that yields :class:`pipelines.batch.Batch` on ``device``.
 
     Args:
         spec: the recipe.
+        samples: the split (:class:`~pipelines.samples.TreeSamples` or :class:`~pipelines.samples.RecordSamples`).
         batch_size: images per process per step.
-        files: ImageFolder samples (``ImageFolderFiles``), or None for RecordIO.
-        recordio: the checked RecordIO pair, or None for folder data.
         device: where batches are delivered; CUDA selects the GPU pipeline on that device.
         rank, world_size: this process's shard.
-        seed: base seed (per-epoch file order, per-rank augmentation stream).
-        num_threads: DALI CPU threads.
+        seed: base seed (per-epoch order; augmentation stream with the rank and position).
+        num_threads: DALI CPU threads (also the threads of the one-time sample check).
         channels_last: deliver NCHW tensors with channels-last strides (DALI writes HWC, no copy).
         dtype: torch.float32, or torch.float16 to feed AMP directly.
         fused_crop: decode only each view's crop window (one partial decode per view) instead of one
             full decode shared by all views.
     """
 
-    def __init__(self, spec: RecipeSpec, *, batch_size: int, files: ImageFolderFiles | None = None,
-                 recordio: RecordIOIndex | None = None, device: torch.device | str = "cpu", rank: int = 0,
-                 world_size: int = 1, seed: int = 0, num_threads: int = 2, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, fused_crop: bool = False):
-        if (files is None) == (recordio is None):
-            raise ValueError("DaliLoader needs exactly one of files= (ImageFolder) or recordio= (RecordIO)")
+    def __init__(self, spec: RecipeSpec, samples: Samples, *, batch_size: int, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32, fused_crop: bool = False):
         if dtype not in _DTYPES:
             raise ValueError(f"DaliLoader dtype must be torch.float32 or torch.float16, got {dtype}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"shard rank={rank} is not in [0, world_size={world_size})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.spec, self.batch_size, self.files, self.recordio = spec, batch_size, files, recordio
         self.device = torch.device(device)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.num_threads, self.channels_last = num_threads, channels_last
-        self.dtype, self.fused_crop = dtype, fused_crop
-        self.num_samples = len(files) if files is not None else len(recordio)
-        if self.num_samples // world_size < batch_size:
-            raise ValueError(
-                f"{self.num_samples} samples are too few for {world_size} process(es) x batch {batch_size}: "
-                f"each shard must hold at least one whole batch"
-            )
         self.gpu = self.device.type == "cuda"
         if self.gpu and not torch.cuda.is_available():
             raise RuntimeError(f"device {self.device} requested but CUDA is not available")
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"DALI delivers to cpu or cuda devices, got {self.device}")
+        if len(samples) // world_size < batch_size:
+            raise ValueError(f"{len(samples)} samples are too few for {world_size} process(es) x batch {batch_size}: "
+                             f"each shard must hold at least one whole batch")
+        self.spec, self.samples, self.batch_size = spec, samples, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_threads, self.channels_last = num_threads, channels_last
+        self.dtype, self.fused_crop = dtype, fused_crop
+        bad = bad_samples(samples, threads=num_threads)
+        self.bad_files = len(bad)
+        self.bad = bad
+        self.good = np.setdiff1d(np.arange(len(samples)), np.fromiter(bad, dtype=np.int64, count=len(bad)))
+        self.num_samples = len(self.good)
+        if self.num_samples // world_size < batch_size:
+            raise ValueError(f"{self.num_samples} readable samples ({self.bad_files} unreadable skipped) are too "
+                             f"few for {world_size} process(es) x batch {batch_size}")
         self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
-        self.sampler = ShardSampler(self.num_samples, batch_size, rank, world_size, seed) if files is not None else None
         self.epoch, self.start_batch = 0, 0
         self._live: _LivePipeline | None = None
         self.names = [v.name for v in spec.views]
@@ -279,90 +242,77 @@ class DaliLoader:
         return (self.num_samples // self.world_size) // self.batch_size
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Shuffle for ``epoch`` and skip its first ``start_batch`` batches (resume mid-epoch)."""
+        """Shuffle for ``epoch`` and skip its first ``start_batch`` batches (resume mid-epoch, no decode)."""
         if epoch < 0 or not 0 <= start_batch <= len(self):
             raise ValueError(f"set_epoch: need epoch >= 0 and 0 <= start_batch <= {len(self)}, "
                              f"got epoch={epoch}, start_batch={start_batch}")
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _epochs_per_pipeline(self) -> int:
-        """Consecutive epochs one pipeline serves: a rebuild drains the prefetch queue (wasted batches), so
-        small datasets chain epochs up to ``CHAIN_SAMPLES`` samples per process."""
-        return max(1, CHAIN_SAMPLES // (len(self) * self.batch_size))
-
-    def _build(self, epochs: int):
-        """The pipeline for ``epochs`` epochs from ``self.epoch`` (from its batch ``start_batch`` on)."""
-        kwargs = dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      seed=self.seed + self.rank + self.epoch * self.world_size, prefetch_queue_depth=2,
-                      exec_dynamic=True)
+    def _build(self) -> _LivePipeline:
+        """A pipeline whose stream starts at batch ``start_batch`` of epoch ``epoch``."""
+        source = IndexedSource(self.samples, self.good, batch_size=self.batch_size, rank=self.rank,
+                               world_size=self.world_size, seed=self.seed, epoch=self.epoch,
+                               start_batch=self.start_batch)
+        # The augmentation stream: base seed + rank, moved on by the position the stream starts at.
+        position = self.epoch * len(self) + self.start_batch
+        seed = (self.seed + self.rank + 1_000_003 * position) % (1 << 31)
         # channels_last: DALI writes HWC and torch sees NCHW with channels-last strides, no copy either way.
         layout = "HWC" if self.channels_last else "CHW"
-        common = dict(gpu=self.gpu, fused_crop=self.fused_crop, dtype=_DTYPES[self.dtype], layout=layout)
-        if self.files is not None:
-            order = []
-            for e in range(self.epoch, self.epoch + epochs):
-                self.sampler.set_epoch(e, self.start_batch if e == self.epoch else 0)
-                order += [i for batch in self.sampler for i, _ in batch]
-            files = [self.files.samples[i][0] for i in order]
-            labels = [self.files.samples[i][1] for i in order]
-            return ressl_pipeline(self.spec, files=files, labels=labels, **common, **kwargs)
-        shard = (self.rank + self.epoch) % self.world_size
-        shard_len = len(self.recordio) * (shard + 1) // self.world_size - len(self.recordio) * shard // self.world_size
-        return ressl_pipeline(self.spec, rec=str(self.recordio.rec), idx=str(self.recordio.idx), shard_id=shard,
-                              num_shards=self.world_size, shuffle_buffer=min(SHUFFLE_BUFFER, shard_len),
-                              **common, **kwargs)
+        pipe = ressl_pipeline(self.spec, source=source, gpu=self.gpu, fused_crop=self.fused_crop,
+                              dtype=_DTYPES[self.dtype], layout=layout, batch_size=self.batch_size,
+                              num_threads=self.num_threads, device_id=self.device_id, seed=seed,
+                              prefetch_queue_depth=2, exec_dynamic=True)
+        # Endless iterator (the source never ends): this class counts the batches of an epoch.
+        it = DALIGenericIterator([pipe], [*self.names, "label"], size=-1, auto_reset=False,
+                                 last_batch_policy=LastBatchPolicy.DROP)
+        return _LivePipeline(pipe, it, self.epoch, self.start_batch)
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
-        views = []
-        for name in self.names:
-            views.append(out[name].permute(0, 3, 1, 2) if self.channels_last else out[name])
-        label = out["label"].reshape(len(views[0]), -1)[:, 0]
-        label = (label.round() if label.is_floating_point() else label).to(torch.int64)  # mxnet labels are float
+        views = [out[n].permute(0, 3, 1, 2) if self.channels_last else out[n] for n in self.names]
+        label = out["label"].reshape(len(views[0]), -1)[:, 0].to(torch.int64)
         return Batch(weak=views[0], strong=views[1:], label=label.to(self.device, non_blocking=True))
-
-    def _close(self) -> None:
-        """Shut the live pipeline down (drains its prefetch queue)."""
-        self._live = None
 
     def __iter__(self) -> Iterator[Batch]:
         todo = len(self) - self.start_batch
         if todo <= 0:
             return
         live = self._live
-        if live is None or live.busy or live.next_epoch != self.epoch or self.start_batch:
-            self._close()
-            epochs = self._epochs_per_pipeline()
-            pipe = self._build(epochs)
-            # Endless iterator: this class counts batches, so the RecordIO stream may cross shard passes.
-            it = DALIGenericIterator([pipe], [*self.names, "label"], size=-1, auto_reset=False,
-                                     last_batch_policy=LastBatchPolicy.DROP)
-            live = self._live = _LivePipeline(pipe, it, self.epoch, epochs)
-            if self.recordio is not None and self.start_batch:
-                log.info("RecordIO resume: replaying %d batches of epoch %d", self.start_batch, self.epoch)
-                for _ in range(self.start_batch):
-                    next(it)
+        if live is None or live.busy or (live.epoch, live.batch) != (self.epoch, self.start_batch):
+            self._live = None  # shuts the old pipeline down (drains its prefetch queue)
+            live = self._live = self._build()
         live.busy = True
-        done = 0
         try:
             for _ in range(todo):
                 out = next(live.it)
+                live.batch += 1
                 yield self._to_batch(out[0])
-                done += 1
         finally:
             live.busy = False
-            if self._live is live:  # an abandoned older generator must not touch a newer pipeline
-                if done == todo and live.epochs_left > 1:
-                    live.next_epoch, live.epochs_left = live.next_epoch + 1, live.epochs_left - 1
-                else:
-                    self._close()
+            if live.batch == len(self):
+                live.epoch, live.batch = live.epoch + 1, 0
+            self.start_batch = 0
 
 
 class _LivePipeline:
-    """A built pipeline and its iterator, positioned at the start of epoch ``next_epoch``."""
+    """A built pipeline and its iterator; the next batch it delivers is batch ``batch`` of ``epoch``."""
 
-    def __init__(self, pipe, it, next_epoch: int, epochs_left: int):
-        self.pipe, self.it, self.next_epoch, self.epochs_left = pipe, it, next_epoch, epochs_left
+    def __init__(self, pipe, it, epoch: int, batch: int):
+        self.pipe, self.it, self.epoch, self.batch = pipe, it, epoch, batch
         self.busy = False
+
+
+def dali_samples(data: str | Path, split: str, classes: list[str] | None = None) -> Samples:
+    """The split DALI reads: ``<split>.rec`` + ``.idx`` (preferred) or the ``<split>/`` tree, labelled by
+    the train class list (the manifest's ``classes``, else train/'s folders)."""
+    data = Path(data)
+    rec, idx, folder = data / f"{split}.rec", data / f"{split}.idx", data / split
+    classes = train_classes(data) if classes is None else classes
+    if rec.is_file() or idx.is_file():
+        return RecordSamples(rec, idx, num_classes=len(classes) if classes else None)
+    if folder.is_dir():
+        return TreeSamples(folder, classes)
+    raise FileNotFoundError(f"no DALI-readable data for split {split!r} in {str(data)!r}: expected "
+                            f"{split}.rec + {split}.idx (RecordIO) or {split}/ (ImageFolder)")
 
 
 def build_dali_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str, device: torch.device, rank: int,
@@ -371,7 +321,7 @@ def build_dali_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str, device
     """The DALI training loader over ``<cfg.data>/<split>.rec`` + ``.idx`` (preferred) or ``<split>/``.
 
     Args:
-        cfg: config with the LoaderConfig fields (``num_workers`` = DALI threads).
+        cfg: the loader options (``num_threads`` = DALI threads; see LoaderConfig).
         spec: the recipe.
         split: dataset split name.
         device: delivery device (CUDA = GPU pipeline on it).
@@ -379,20 +329,9 @@ def build_dali_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str, device
         dtype: output dtype, float32 or float16.
         fused_crop: decode per view only its crop window; None = the measured faster default (see README).
     """
-    data = Path(cfg.data)
-    rec, idx, folder = data / f"{split}.rec", data / f"{split}.idx", data / split
-    files = recordio = None
-    if rec.is_file() or idx.is_file():
-        recordio = RecordIOIndex(rec, idx)
-    elif folder.is_dir():
-        files = ImageFolderFiles(folder)
-    else:
-        raise FileNotFoundError(f"no DALI-readable data for split {split!r} in {str(data)!r}: expected "
-                                f"{split}.rec + {split}.idx (RecordIO) or {split}/ (ImageFolder)")
-    if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world_size} processes")
-    return DaliLoader(spec, batch_size=cfg.batch_size // world_size, files=files, recordio=recordio, device=device,
-                      rank=rank, world_size=world_size, seed=cfg.seed, num_threads=max(1, cfg.num_workers),
+    cfg = LoaderConfig.of(cfg)
+    batch = cfg.per_process_batch(world_size)
+    return DaliLoader(spec, dali_samples(cfg.data, split), batch_size=batch, device=device, rank=rank,
+                      world_size=world_size, seed=cfg.seed, num_threads=cfg.threads,
                       channels_last=cfg.channels_last, dtype=dtype,
                       fused_crop=DEFAULT_FUSED_CROP if fused_crop is None else fused_crop)
-

@@ -20,7 +20,6 @@ order. The stored ``image`` field carries the weak view's size group.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import Batch, LoaderConfig
+from .batch import FFCV_ORDERS, Batch, LoaderConfig
+from .folder import epoch_order
 from .gpu_augment import augment_view
+from .samples import BetonSamples, bad_samples
 from .spec import RecipeSpec, ViewSpec
 
 try:
@@ -57,9 +58,9 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides ff
 
 __all__ = ["FFCVLoader", "MultiCropDecoder", "build_ffcv_loader", "ORDERS"]
 
-log = logging.getLogger(__name__)
+ORDERS = FFCV_ORDERS
 
-ORDERS = ("auto", "random", "quasi_random", "sequential")
+log = logging.getLogger(__name__)
 
 
 class MultiCropDecoder(Operation):
@@ -127,9 +128,9 @@ class MultiCropDecoder(Operation):
 class _ShardedOrder(TraversalOrder):
     """Epoch order of this process's samples; ``skip`` drops the first samples (mid-epoch resume).
 
-    ``random``/``sequential``: a global permutation seeded by (seed, epoch), padded by wrapping (or
-    truncated with ``drop_last``) to a multiple of ``world_size`` and dealt round-robin, as
-    ``DistributedSampler`` — every sample once per epoch across ranks, equal counts per rank.
+    ``random``/``sequential``: :func:`pipelines.folder.epoch_order` over the loader's ``indices`` (the
+    samples that decode), the order every backend uses: one permutation per (seed, epoch), dealt as
+    ``DistributedSampler`` deals it — every sample once per epoch across ranks, equal counts per rank.
     ``quasi_random``: FFCV's page-aware order (single process only).
     """
 
@@ -147,14 +148,8 @@ class _ShardedOrder(TraversalOrder):
             order = np.asarray(self._quasi.sample_order(epoch))
         else:
             idx = np.asarray(self.indices)
-            if self.kind == "random":
-                idx = np.random.default_rng([self.seed, epoch]).permutation(idx)
-            n = len(idx)
-            per_rank = n // self.world_size if self.drop_last else -(-n // self.world_size)
-            total = per_rank * self.world_size
-            if total > n:
-                idx = np.concatenate([idx, idx[: total - n]])
-            order = idx[:total][self.rank::self.world_size]
+            order = idx[epoch_order(len(idx), seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                                    shuffle=self.kind == "random", drop_last=self.drop_last)]
         return order[self.skip:]
 
 
@@ -172,8 +167,10 @@ class FFCVLoader:
 
     def __init__(self, path: Path, spec: RecipeSpec, *, batch_size: int, num_threads: int, device: torch.device,
                  rank: int, world_size: int, seed: int, order: str, os_cache: bool, batches_ahead: int,
-                 drop_last: bool, channels_last: bool, out_dtype: torch.dtype, augment_impl: str = "auto"):
+                 drop_last: bool, channels_last: bool, out_dtype: torch.dtype, augment_impl: str = "auto",
+                 indices: np.ndarray | None = None, bad_files: int = 0):
         self.path = path
+        self.bad_files = bad_files
         self.spec = spec
         self.batch_size = batch_size
         self.device = device
@@ -205,7 +202,8 @@ class FFCVLoader:
         # loader is built with SEQUENTIAL and its order swapped for ours before the first epoch.
         self._loader = _FFCVLoader(str(path), batch_size=batch_size, num_workers=num_threads, os_cache=os_cache,
                                    order=OrderOption.SEQUENTIAL, distributed=False, seed=seed, pipelines=pipelines,
-                                   drop_last=drop_last, batches_ahead=batches_ahead)
+                                   drop_last=drop_last, batches_ahead=batches_ahead,
+                                   indices=None if indices is None else indices.tolist())
         self._order = _ShardedOrder(self._loader, kind=order, rank=rank, world_size=world_size, drop_last=drop_last)
         self._loader.traversal_order = self._order
         self._loader.first_traversal_order = self._order.sample_order(0)
@@ -258,25 +256,6 @@ class FFCVLoader:
             epoch_iter.close()
 
 
-def _check_fields(path: Path) -> None:
-    """The .beton must hold ``image`` (RGBImageField) and ``label`` (IntField); reads only its header."""
-    try:
-        handlers = Reader(str(path)).handlers
-    except Exception as e:  # FFCV raises assorted errors on a truncated or foreign file
-        raise ValueError(f"FFCV backend: cannot read {str(path)!r} as a .beton: {e}") from e
-    want = {"image": RGBImageField, "label": IntField}
-    for name, cls in want.items():
-        if not isinstance(handlers.get(name), cls):
-            got = {k: type(v).__name__ for k, v in handlers.items()}
-            raise ValueError(f"FFCV backend: {str(path)!r} needs field {name!r} of type {cls.__name__}; "
-                             f"its fields are {got}")
-
-
-def _option(cfg: LoaderConfig, name: str, value):
-    """A keyword argument wins; else the config's attribute of that name; else the default."""
-    return value if value is not None else getattr(cfg, name, None)
-
-
 def build_ffcv_loader(
     cfg: LoaderConfig,
     spec: RecipeSpec,
@@ -285,59 +264,63 @@ def build_ffcv_loader(
     device: torch.device,
     rank: int,
     world_size: int,
-    order: str | None = None,
-    os_cache: bool | None = None,
-    batches_ahead: int | None = None,
-    drop_last: bool | None = None,
+    drop_last: bool = True,
     out_dtype: torch.dtype = torch.float32,
     augment_impl: str = "auto",
 ) -> FFCVLoader:
     """FFCV loader over ``<cfg.data>/<split>.beton`` for process ``rank`` of ``world_size``.
 
+    Records whose JPEG bytes do not decode are found once (cached next to the file, see
+    :func:`pipelines.samples.bad_samples`), reported by index and left out of every epoch: FFCV's
+    decoder would otherwise hand them on as black images.
+
     Args:
-        cfg: ``data``, ``batch_size`` (global), ``num_workers`` (= FFCV threads), ``seed``,
-            ``channels_last``; optional ``ffcv_order``, ``os_cache``, ``batches_ahead``, ``drop_last``.
-        spec: the recipe; one FFCV pipeline per view.
-        order: "auto" (quasi_random for one process without the OS cache, else random), "random",
-            "quasi_random" (one process only: FFCV 1.0.2 has no distributed version) or "sequential".
-        os_cache: let the OS page cache hold the file (default True; False = FFCV's process cache).
-        batches_ahead: batches FFCV prepares in advance (default 3).
-        drop_last: drop the short last batch (default True).
+        cfg: loader options: ``data``, ``batch_size`` (global), ``num_threads`` (FFCV threads),
+            ``seed``, ``channels_last``, ``ffcv_order`` ("auto" = quasi_random for one process without
+            the OS cache, else random; quasi_random works in one process only: FFCV 1.0.2 has no
+            distributed version), ``ffcv_os_cache``, ``ffcv_batches_ahead``.
+        spec: the recipe; one FFCV pipeline per view size.
+        drop_last: drop the short last batch (training always does: the queue takes whole batches).
         out_dtype: float32, float16 or bfloat16 batches.
         augment_impl: ``impl`` of :func:`augment_view` when it runs ("auto", "torch", "numba").
     """
+    cfg = LoaderConfig.of(cfg)
     path = Path(cfg.data) / f"{split}.beton"
     if not path.is_file():
         raise FileNotFoundError(f"FFCV backend: {str(path)!r} does not exist (write it with `make dataset`)")
     if not 0 <= rank < world_size:
         raise ValueError(f"FFCV backend: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if cfg.batch_size % world_size:
-        raise ValueError(f"FFCV backend: batch_size={cfg.batch_size} is not divisible by world_size={world_size}")
-    order = _option(cfg, "ffcv_order", order) or "auto"
-    os_cache = _option(cfg, "os_cache", os_cache)
-    os_cache = True if os_cache is None else bool(os_cache)
-    batches_ahead = _option(cfg, "batches_ahead", batches_ahead)
-    batches_ahead = 3 if batches_ahead is None else int(batches_ahead)
-    drop_last = _option(cfg, "drop_last", drop_last)
-    drop_last = True if drop_last is None else bool(drop_last)
-    if order not in ORDERS:
-        raise ValueError(f"FFCV backend: order must be one of {ORDERS}, got {order!r}")
+    batch = cfg.per_process_batch(world_size)
+    order, os_cache = cfg.ffcv_order, cfg.ffcv_os_cache
     if order == "auto":
         order = "quasi_random" if world_size == 1 and not os_cache else "random"
     if order == "quasi_random" and world_size > 1:
-        raise ValueError(f"FFCV backend: order='quasi_random' works in one process only (FFCV 1.0.2), got "
-                         f"world_size={world_size}; use order='random'")
-    if batches_ahead < 1:
-        raise ValueError(f"FFCV backend: batches_ahead must be >= 1, got {batches_ahead}")
+        raise ValueError(f"FFCV backend: ffcv_order='quasi_random' works in one process only (FFCV 1.0.2), got "
+                         f"world_size={world_size}; use ffcv_order=random")
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"FFCV backend: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if augment_impl not in ("auto", "torch", "numba"):
         raise ValueError(f"FFCV backend: augment_impl must be 'auto', 'torch' or 'numba', got {augment_impl!r}")
     _check_fields(path)
-    num_threads = cfg.num_workers if cfg.num_workers > 0 else (os.cpu_count() or 1)
-    log.info("FFCV loader %s: rank %d/%d, %d threads, order=%s, os_cache=%s, augment on %s (%s)", path, rank,
-             world_size, num_threads, order, os_cache, device, augment_impl)
-    return FFCVLoader(path, spec, batch_size=cfg.batch_size // world_size, num_threads=num_threads, device=device,
-                      rank=rank, world_size=world_size, seed=cfg.seed, order=order, os_cache=os_cache,
-                      batches_ahead=batches_ahead, drop_last=drop_last, channels_last=cfg.channels_last,
-                      out_dtype=out_dtype, augment_impl=augment_impl)
+    samples = BetonSamples(path)
+    bad = bad_samples(samples, threads=cfg.threads)
+    good = np.setdiff1d(np.arange(len(samples)), np.fromiter(bad, dtype=np.int64, count=len(bad)))
+    log.info("FFCV loader %s: rank %d/%d, %d threads, order=%s, os_cache=%s, augment on %s (%s), %d bad records",
+             path, rank, world_size, cfg.threads, order, os_cache, device, augment_impl, len(bad))
+    return FFCVLoader(path, spec, batch_size=batch, num_threads=cfg.threads, device=device, rank=rank,
+                      world_size=world_size, seed=cfg.seed, order=order, os_cache=os_cache,
+                      batches_ahead=cfg.ffcv_batches_ahead, drop_last=drop_last, channels_last=cfg.channels_last,
+                      out_dtype=out_dtype, augment_impl=augment_impl, indices=good, bad_files=len(bad))
+
+
+def _check_fields(path: Path) -> None:
+    """The .beton must hold ``image`` (RGBImageField) and ``label`` (IntField)."""
+    try:
+        handlers = Reader(str(path)).handlers
+    except Exception as e:  # FFCV raises assorted errors on a truncated or foreign file
+        raise ValueError(f"FFCV backend: cannot read {str(path)!r} as a .beton: {e}") from e
+    for name, cls in {"image": RGBImageField, "label": IntField}.items():
+        if not isinstance(handlers.get(name), cls):
+            got = {k: type(v).__name__ for k, v in handlers.items()}
+            raise ValueError(f"FFCV backend: {str(path)!r} needs field {name!r} of type {cls.__name__}; "
+                             f"its fields are {got}")

@@ -13,53 +13,29 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from . import Batch, LoaderConfig
+from .batch import Batch, LoaderConfig
+from .folder import BadImageError, epoch_order, shard_size, train_classes
 from .gpu_augment import normalize
+from .samples import Samples, TreeSamples
 from .spec import RecipeSpec, ViewSpec
 
 __all__ = [
-    "ImageFolderFiles",
+    "ViewsDataset",
     "view_transform",
     "ShardSampler",
     "TorchvisionLoader",
     "build_torchvision_loader",
-    "build_eval_loader",
     "normalize_on_device",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class ImageFolderFiles:
-    """The (path, label) list of an ImageFolder tree: classes are sub-directories sorted by name."""
-
-    def __init__(self, root: str | os.PathLike):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        if not self.classes:
-            raise FileNotFoundError(f"image folder {str(root)!r} has no class sub-directories")
-        self.samples: list[tuple[str, int]] = []
-        for label, c in enumerate(self.classes):
-            for dirpath, _, names in sorted(os.walk(root / c, followlinks=True)):
-                self.samples += [(os.path.join(dirpath, n), label) for n in sorted(names)
-                                 if n.lower().endswith(IMG_EXTENSIONS)]
-        if not self.samples:
-            raise FileNotFoundError(f"image folder {str(root)!r} has no images ({', '.join(IMG_EXTENSIONS)})")
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
 
 def view_transform(view: ViewSpec) -> v2.Compose:
@@ -81,23 +57,16 @@ def view_transform(view: ViewSpec) -> v2.Compose:
     return v2.Compose(ops)
 
 
-def _load_rgb(path: str) -> Image.Image:
-    """Decode to RGB (CMYK, grayscale, palette and PNG-named-.jpg files convert; broken ones raise)."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-class _ViewsDataset(Dataset):
+class ViewsDataset(Dataset):
     """Decode once, then one uint8 tensor per transform. Keys are (index, seed) pairs from the sampler.
 
-    A file that cannot be decoded is logged with its path and reason, counted in ``bad_count``
-    (shared across workers), and replaced by the next file, so batches stay full.
+    ``samples`` is any :class:`pipelines.samples.Samples` (tree, .rec, .beton). A sample that cannot
+    be decoded is logged with its name and reason, counted in ``bad_count`` (shared across workers),
+    and replaced by the next one, so batches stay full.
     """
 
-    def __init__(self, files: ImageFolderFiles, transforms: Sequence):
-        self.samples = files.samples
+    def __init__(self, samples: Samples, transforms: Sequence):
+        self.samples = samples
         self.transforms = list(transforms)
         self.bad_count = mp.Value("i", 0)
 
@@ -107,14 +76,14 @@ class _ViewsDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+            i = (index + attempt) % len(self.samples)
             try:
-                img = _load_rgb(path)
+                img, label = self.samples.image(i), int(self.samples.labels[i])
                 break
-            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            except BadImageError as e:
                 with self.bad_count.get_lock():
                     self.bad_count.value += 1
-                log.warning("skipping unreadable image %s: %s", path, e)
+                log.warning("skipping unreadable image: %s", e)
         else:
             raise RuntimeError("no readable image in the dataset")
         with torch.random.fork_rng(devices=[]):
@@ -124,7 +93,7 @@ class _ViewsDataset(Dataset):
 
 
 class ShardSampler(Sampler):
-    """Per-epoch shuffle, sharded ``rank::world_size``, whole batches only, resumable at a batch.
+    """Batches of :func:`pipelines.folder.epoch_order` (the order every backend uses), resumable at a batch.
 
     Yields lists of (index, seed) keys; the seed makes each sample's augmentation a pure function of
     (seed, epoch, index).
@@ -142,21 +111,15 @@ class ShardSampler(Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def _per_rank(self) -> int:
-        return self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
+        return shard_size(self.n, self.world_size, self.drop_last)
 
     def __len__(self) -> int:
         per = self._per_rank()
         return per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if not self.drop_last:  # pad so every rank has the same count (as DistributedSampler)
-            order += order[: self._per_rank() * self.world_size - self.n]
-        mine = order[self.rank :: self.world_size][: self._per_rank()]
+        mine = epoch_order(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                           shuffle=self.shuffle, drop_last=self.drop_last).tolist()
         base = (self.seed * 1_000_003 + self.epoch) * (1 << 24)
         for b in range(self.start_batch, len(self)):
             idx = mine[b * self.batch_size : (b + 1) * self.batch_size]
@@ -171,13 +134,13 @@ def normalize_on_device(x: torch.Tensor, device: torch.device, mean: Sequence[fl
 
 
 class TorchvisionLoader:
-    """DataLoader over ImageFolder files that yields :class:`pipelines.Batch` on the device."""
+    """DataLoader over an ImageFolder tree that yields :class:`pipelines.batch.Batch` on the device."""
 
-    def __init__(self, files: ImageFolderFiles, spec: RecipeSpec, *, batch_size: int, num_workers: int, seed: int,
+    def __init__(self, files: TreeSamples, spec: RecipeSpec, *, batch_size: int, num_workers: int, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, channels_last: bool = False):
         self.spec, self.device, self.channels_last = spec, device, channels_last
         self.batch_size = batch_size
-        self.dataset = _ViewsDataset(files, [view_transform(v) for v in spec.views])
+        self.dataset = ViewsDataset(files, [view_transform(v) for v in spec.views])
         self.sampler = ShardSampler(len(files), batch_size, rank, world_size, seed)
         self.loader = DataLoader(
             self.dataset,
@@ -208,42 +171,11 @@ class TorchvisionLoader:
 
 def build_torchvision_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str, device: torch.device, rank: int,
                              world_size: int) -> TorchvisionLoader:
-    """The reference training loader over ``<cfg.data>/<split>/`` (an ImageFolder tree)."""
-    files = ImageFolderFiles(Path(cfg.data) / split)
-    return TorchvisionLoader(files, spec, batch_size=cfg.batch_size // world_size, num_workers=cfg.num_workers,
+    """The reference training loader over ``<cfg.data>/<split>/`` (an ImageFolder tree), labelled by the
+    train class list (the manifest's ``classes``, else train/'s folders); ``num_workers`` = processes."""
+    cfg = LoaderConfig.of(cfg)
+    batch = cfg.per_process_batch(world_size)
+    files = TreeSamples(Path(cfg.data) / split, train_classes(cfg.data))
+    return TorchvisionLoader(files, spec, batch_size=batch, num_workers=cfg.num_workers,
                              seed=cfg.seed, device=device, rank=rank, world_size=world_size,
                              channels_last=cfg.channels_last)
-
-
-class _EvalLoader:
-    def __init__(self, loader: DataLoader, device: torch.device, mean, std, dataset: _ViewsDataset):
-        self.loader, self.device, self.mean, self.std, self.dataset = loader, device, mean, std, dataset
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for (img,), label in self.loader:
-            yield normalize_on_device(img, self.device, self.mean, self.std), label.to(self.device)
-
-
-def build_eval_loader(data: str | os.PathLike, split: str, size: int, mean: Sequence[float], std: Sequence[float],
-                      batch_size: int, num_workers: int = 2, device: torch.device | str = "cpu",
-                      train_aug: bool = False, rank: int = 0, world_size: int = 1, seed: int = 0) -> _EvalLoader:
-    """Images + labels for kNN and linear evaluation, in file order (every sample once per rank shard).
-
-    ``train_aug`` gives the linear probe's training augmentation (random resized crop + flip);
-    otherwise resize to size/0.875 and center-crop (plain resize for <= 64 px data, as in the papers).
-    """
-    files = ImageFolderFiles(Path(data) / split)
-    if train_aug:
-        t = v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                        v2.PILToTensor()])
-    else:
-        resize = size if size <= 64 else int(round(size / 0.875))
-        t = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
-    dataset = _ViewsDataset(files, [t])
-    sampler = ShardSampler(len(files), batch_size, rank, world_size, seed, shuffle=train_aug, drop_last=False)
-    device = torch.device(device)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=device.type == "cuda")
-    return _EvalLoader(loader, device, mean, std, dataset)

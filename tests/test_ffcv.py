@@ -194,15 +194,16 @@ def test_bad_options_fail_before_reading(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="train.beton"):
         build_ffcv_loader(_cfg(tmp_path), SPEC, split="train", device=cpu, rank=0, world_size=1)
     with pytest.raises(ValueError, match="quasi_random"):
-        build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=0, world_size=2, order="quasi_random")
-    with pytest.raises(ValueError, match="order must be one of"):
-        build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=0, world_size=1, order="shuffled")
+        build_ffcv_loader(_cfg(data, ffcv_order="quasi_random"), SPEC, split="train", device=cpu, rank=0,
+                          world_size=2)
+    with pytest.raises(ValueError, match="ffcv_order must be one of"):
+        build_ffcv_loader(_cfg(data, ffcv_order="shuffled"), SPEC, split="train", device=cpu, rank=0, world_size=1)
     with pytest.raises(ValueError, match="rank"):
         build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=2, world_size=2)
     with pytest.raises(ValueError, match="augment_impl"):
         build_ffcv_loader(_cfg(data), SPEC, split="train", device=cpu, rank=0, world_size=1, augment_impl="cuda")
     with pytest.raises(ValueError, match="batches_ahead"):
-        build_ffcv_loader(_cfg(data, batches_ahead=0), SPEC, split="train", device=cpu, rank=0, world_size=1)
+        build_ffcv_loader(_cfg(data, ffcv_batches_ahead=0), SPEC, split="train", device=cpu, rank=0, world_size=1)
     with pytest.raises(ValueError, match="too few"):
         build_ffcv_loader(_cfg(data, batch_size=64), SPEC, split="train", device=cpu, rank=0, world_size=2)
     (tmp_path / "junk.beton").write_bytes(b"not a beton")

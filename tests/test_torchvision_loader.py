@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from pipelines import Batch, build_loader, resolve_backend
+from pipelines.eval import build_eval_loader
+from pipelines.folder import ImageFolderFiles
 from pipelines.spec import ColorJitterSpec, TwoViewSpec, ViewSpec, get_recipe
-from pipelines.torchvision import ImageFolderFiles, build_eval_loader
 
 
 def cfg(data, **kw):

@@ -154,8 +154,8 @@ def test_short_run_through_fast_backends(backend, image_folder, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
     if backend == "ffcv":
+        from pipelines.folder import ImageFolderFiles
         from pipelines.formats.beton import write_beton
-        from pipelines.torchvision import ImageFolderFiles
 
         files = ImageFolderFiles(data / "train").samples
         samples = [(np.asarray(Image.open(p).convert("RGB")), label) for p, label in files]

@@ -4,8 +4,9 @@
     python tools/eval.py --ckpt runs/imagenet/last.pt --probe full   # paper protocol: augmented views
     make eval CKPT=runs/demo/last.pt ARGS="--probe-epochs 30"
 
-Data: the checkpoint's ``data`` directory (override with ``--data``), ``train/`` and ``val/``
-ImageFolder trees, read at the recipe's weak-view size with its normalisation. The linear probe
+Data: the checkpoint's ``data`` directory (override with ``--data``), its train and val splits in any
+layout ``make dataset`` writes (trees, ``.rec``, ``.beton``, or the source recorded in the manifest;
+see ``pipelines/eval.py``), read at the recipe's weak-view size with its normalisation. The linear probe
 follows the paper (SGD momentum 0.9, lr 0.3 per 256, cosine, 100 epochs, frozen backbone); ``fast``
 trains on features cached once (center crops), ``full`` on fresh random-resized-crop + flip views
 every epoch. Results go to ``eval.json`` and ``tsne.png`` next to the checkpoint (``--out-dir``).
@@ -120,7 +121,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader] | None = None) -> dict[str, Any]:
-    """Command line entry; ``build_eval_loader`` defaults to ``pipelines.torchvision.build_eval_loader``."""
+    """Command line entry; ``build_eval_loader`` defaults to ``pipelines.eval.build_eval_loader``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="trainer checkpoint (runs/NAME/last.pt)")
     p.add_argument("--data", default=None, help="dataset directory with train/ and val/ (default: the run's)")
@@ -146,12 +147,15 @@ def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader]
     backbone, feat_dim, cfg = load_model(args.ckpt, args.branch)
     data = Path(args.data or cfg.data)
     train_split = args.train_split or ("train" if cfg.train_split == "unlabeled" else cfg.train_split)
-    for split in (train_split, args.val_split):
-        if not (data / split).is_dir():
-            raise FileNotFoundError(f"{data / split} is not a directory: kNN and the linear probe need labelled "
-                                    f"{train_split}/ and {args.val_split}/ ImageFolder trees (--data, --*-split)")
+    from pipelines.eval import eval_problem
+    from pipelines.folder import train_classes
+
+    problem = eval_problem(data, (train_split, args.val_split))
+    if problem is not None:
+        raise FileNotFoundError(f"kNN and the linear probe need labelled {train_split!r} and {args.val_split!r} "
+                                f"splits (--data, --train-split, --val-split): {problem}")
     if build_eval_loader is None:
-        from pipelines.torchvision import build_eval_loader
+        from pipelines.eval import build_eval_loader
     device = torch.device(args.device)
     backbone.to(device)
     spec = get_recipe(cfg.recipe)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader]
     val_loader = build_eval_loader(str(data), args.val_split, **kw)
     aug = build_eval_loader(str(data), train_split, train_aug=True, **kw) if args.probe == "full" else None
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.ckpt).resolve().parent
-    class_names = sorted(d.name for d in (data / args.val_split).iterdir() if d.is_dir())
+    class_names = train_classes(data)  # the list every split's labels index into
     result = evaluate(
         backbone, feat_dim, train_loader, val_loader,
         knn_k=args.knn_k or cfg.knn_k, knn_t=args.knn_t or cfg.knn_t, probe=args.probe,

@@ -35,8 +35,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines import build_loader  # noqa: E402
+from pipelines.eval import build_eval_loader, eval_problem  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
-from pipelines.torchvision import build_eval_loader  # noqa: E402
 from ressl.config import Config, load_config  # noqa: E402
 from ressl.ema import momentum_at  # noqa: E402
 from ressl.eval import extract_features, knn_accuracy  # noqa: E402
@@ -72,18 +72,26 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, f)
 
 
+_KNN_OFF: set[str] = set()  # reasons already logged: the monitor says why it is off once per run
+
+
 def knn_monitor(cfg: Config, backbone: torch.nn.Module, device: torch.device) -> float | None:
-    """Weighted kNN top-1 (%) of backbone features: train split as memory bank, val split as queries."""
-    val = Path(cfg.data) / "val"
-    bank = Path(cfg.data) / ("train" if cfg.train_split == "unlabeled" else cfg.train_split)
-    if not (val.is_dir() and bank.is_dir()):
+    """Weighted kNN top-1 (%) of backbone features: train split as memory bank, val split as queries, read
+    from any layout ``make dataset`` writes (pipelines.eval). None, said once with the reason, when the
+    data has no labelled split to use."""
+    bank = "train" if cfg.train_split == "unlabeled" else cfg.train_split
+    problem = eval_problem(cfg.data, (bank, "val"))
+    if problem is not None:
+        if problem not in _KNN_OFF:
+            _KNN_OFF.add(problem)
+            log.warning("kNN monitor off: %s", problem)
         return None
     spec = get_recipe(cfg.recipe)
     kw = dict(size=spec.weak.size, mean=spec.mean, std=spec.std, batch_size=256,
               num_workers=min(cfg.num_workers, 4), device=device)
     was_training = backbone.training
     backbone.eval()
-    train_f, train_y = extract_features(backbone, build_eval_loader(cfg.data, bank.name, **kw))
+    train_f, train_y = extract_features(backbone, build_eval_loader(cfg.data, bank, **kw))
     val_f, val_y = extract_features(backbone, build_eval_loader(cfg.data, "val", **kw))
     backbone.train(was_training)
     return knn_accuracy(train_f, train_y, val_f, val_y, k=cfg.knn_k, t=cfg.knn_t)

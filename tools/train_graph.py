@@ -172,7 +172,9 @@ def main(cfg: GraphConfig) -> dict[str, Any]:
             runlog.row(step, epoch=step, lr=cfg.lr, momentum=cfg.momentum, steps_per_s=sps, **vals)
             bar.set_postfix(loss=f"{vals['loss']:.4f}", steps_s=f"{sps:.1f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.epochs:
+            t_eval = time.perf_counter()
             evaluate(f"after step {step}")
+            t_last += time.perf_counter() - t_eval  # steps/s counts training only
         if step % cfg.ckpt_every == 0 and step < cfg.epochs:
             if nonfinite.item():  # host sync; never save a state that has seen a NaN
                 raise NonFiniteLossError(f"loss became NaN/inf before step {step}; stopping without saving.")

@@ -293,6 +293,13 @@ def test_planetoid_errors_name_the_missing_files(tmp_path):
         planetoid_graph(tmp_path, "Reddit")
     with pytest.raises(GraphDataError, match="does not exist"):
         load_graph(tmp_path / "nowhere")
+    torch.save(torch.zeros(3), tmp_path / "graph.pt")
+    with pytest.raises(GraphDataError, match="expected a dict"):
+        load_graph(tmp_path)
+    torch.save({"x": torch.zeros(3, 2), "y": torch.zeros(3, dtype=torch.long),
+                "edge_index": torch.tensor([[0], [7]])}, tmp_path / "graph.pt")
+    with pytest.raises(GraphDataError, match="outside 0..2"):
+        load_graph(tmp_path)
 
 
 def test_shipped_graphs():

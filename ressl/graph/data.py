@@ -77,6 +77,8 @@ def load_graph(path: str | Path) -> Data:
         raise GraphDataError(f"graph file {str(path)!r} does not exist; write it with "
                              "`make dataset DATA=digits-knn` (or karate, or planetoid SRC=DIR NAME=Cora)")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise GraphDataError(f"{path}: expected a dict of tensors (x, edge_index, y), got {type(state).__name__}")
     missing = [k for k in ("x", "edge_index", "y") if k not in state]
     if missing:
         raise GraphDataError(f"{path}: missing {', '.join(missing)} (expected x, edge_index, y)")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ __all__ = [
     "topk_accuracy",
     "linear_probe",
     "linear_probe_augmented",
+    "EpochLoader",
     "tsne_plot",
 ]
 
@@ -37,7 +40,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - torch raises several types; its message suggests an unsafe load
+        # The file is never unpickled beyond tensors and plain containers; say what it is not, and
+        # drop torch's message (it recommends loading the untrusted file with arbitrary code).
+        if zipfile.is_zipfile(path):
+            what = ("a torch.save archive that holds Python objects other than tensors and plain containers, "
+                    "which a checkpoint of tools/train.py never holds")
+        else:
+            what = f"not a torch.save file at all (no zip archive; {path.stat().st_size} bytes)"
+        raise ValueError(f"{path} is not a trainer checkpoint: it is {what}; it was not loaded") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: expected a trainer checkpoint dict with keys 'model' and 'config', got {found}")
@@ -203,9 +216,19 @@ def linear_probe(
     return {"top1": acc[1], "top5": acc[5]}
 
 
+class EpochLoader(Protocol):
+    """A loader of ``(images, labels)`` that re-draws its crops and order for each epoch."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+
 def linear_probe_augmented(
     backbone: nn.Module,
-    train_loader: Iterable[tuple[Tensor, Tensor]],
+    train_loader: EpochLoader,
     test_loader: Iterable[tuple[Tensor, Tensor]],
     *,
     num_classes: int,
@@ -215,31 +238,43 @@ def linear_probe_augmented(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     batch_size: int = 256,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """The paper's linear probe: frozen backbone in eval mode, fresh augmented views every epoch.
+    """The paper's linear probe: frozen backbone and BN (eval mode), fresh augmented crops every epoch.
 
-    ``train_loader`` should apply the weak training augmentation (random resized crop + flip) and
-    ``test_loader`` center crops. A BatchNorm without affine parameters in front of the linear layer
-    standardises features as :func:`linear_probe` does (running statistics at test time). Costs one
-    backbone forward per image per epoch; :func:`linear_probe` is the cached fast path.
+    As the official ReSSL ``linear_eval.py``: a Linear layer on the raw backbone features (weights
+    N(0, 0.01), zero bias), SGD momentum 0.9, ``lr * batch_size / 256`` (0.3 per 256), no weight decay,
+    cosine over all steps, 100 epochs, evaluated after every epoch; the final and the best epoch are
+    reported. ``train_loader`` applies the training crops (random resized crop + flip) and gets
+    ``set_epoch(epoch)`` before each epoch so every epoch sees new crops; ``test_loader`` gives center
+    crops, whose features are computed once since the backbone is frozen.
 
     Returns:
-        ``{"top1": %, "top5": %}`` on ``test_loader``.
+        ``{"top1", "top5"}`` after the last epoch, ``{"best_top1", "best_top5", "best_epoch"}`` of the
+        epoch with the best top-1 (epochs counted from 1), all in %.
     """
+    if epochs <= 0 or batch_size <= 0 or lr <= 0:
+        raise ValueError(f"linear probe needs epochs, batch_size, lr > 0; got {epochs}, {batch_size}, {lr}")
+    if not callable(getattr(train_loader, "set_epoch", None)):
+        raise TypeError(f"the probe's train loader ({type(train_loader).__name__}) has no set_epoch(epoch): "
+                        "without it every epoch would see the same crops")
     device = next(backbone.parameters()).device
-    probe = nn.Sequential(nn.BatchNorm1d(feat_dim, affine=False), nn.Linear(feat_dim, num_classes)).to(device)
-    nn.init.normal_(probe[1].weight, 0, 0.01)
-    nn.init.zeros_(probe[1].bias)
-    steps = len(train_loader) if hasattr(train_loader, "__len__") else 0
+    test_f, test_y = extract_features(backbone, test_loader, normalize=False)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    probe = nn.Linear(feat_dim, num_classes)
+    with torch.no_grad():
+        probe.weight.copy_(0.01 * torch.randn(probe.weight.shape, generator=g))
+        probe.bias.zero_()
+    probe = probe.to(device)
     opt, sched = _sgd_cosine(probe.parameters(), lr * batch_size / 256, momentum, weight_decay,
-                             epochs * max(steps, 1))
+                             epochs * len(train_loader))
+    final: dict[int, float] = {}
+    best = {"best_top1": -1.0, "best_top5": 0.0, "best_epoch": 0}
     was_training = backbone.training
     backbone.eval()
     try:
         for epoch in range(epochs):
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            probe.train()
+            train_loader.set_epoch(epoch)
             for images, y in train_loader:
                 with torch.no_grad():
                     f = backbone(images).float()
@@ -247,18 +282,14 @@ def linear_probe_augmented(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if steps:
-                    sched.step()
-        probe.eval()
-        logits, labels = [], []
-        with torch.no_grad():
-            for images, y in test_loader:
-                logits.append(probe(backbone(images).float()))
-                labels.append(y.long())
+                sched.step()
+            with torch.no_grad():
+                final = topk_accuracy(probe(test_f), test_y.long())
+            if final[1] > best["best_top1"]:
+                best = {"best_top1": final[1], "best_top5": final[5], "best_epoch": epoch + 1}
     finally:
         backbone.train(was_training)
-    acc = topk_accuracy(torch.cat(logits), torch.cat(labels))
-    return {"top1": acc[1], "top5": acc[5]}
+    return {"top1": final[1], "top5": final[5], **best}
 
 
 def tsne_plot(

@@ -1,5 +1,6 @@
 """Evaluation: features, kNN against a brute-force reference, linear probes, t-SNE, tools/eval.py, export."""
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -103,17 +104,50 @@ def test_linear_probe_on_separable_features_is_near_perfect():
     assert chance["top1"] < 50.0
 
 
-def test_augmented_linear_probe_trains_on_loader_views():
-    x, y = _blobs(40, 4, 12, seed=5)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # mixed-class batches, as
-    x, y = x[order], y[order]  # a shuffling loader gives them (the probe's BatchNorm needs that)
-    xt, yt = _blobs(10, 4, 12, seed=6)
+class _EpochViews:
+    """A probe train loader: each epoch its own noisy "crops" of the same images, shuffled by epoch."""
+
+    def __init__(self, x, y, batch, noise=0.2):
+        self.x, self.y, self.batch, self.noise, self.epochs = x, y, batch, noise, []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __len__(self):
+        return -(-len(self.y) // self.batch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1000 + self.epochs[-1])
+        order = torch.randperm(len(self.y), generator=g)
+        x = self.x[order] + self.noise * torch.randn(self.x.shape, generator=g)
+        for i in range(0, len(x), self.batch):
+            yield x[i:i + self.batch].view(-1, 3, 2, 2), self.y[order][i:i + self.batch]
+
+
+def _flat_backbone():
     backbone = torch.nn.Flatten()  # "images" [B, 3, 2, 2] -> their 12 values
     backbone.weight = torch.nn.Parameter(torch.zeros(1))  # a device to read, as real backbones have
-    train = [(x[i:i + 32].view(-1, 3, 2, 2), y[i:i + 32]) for i in range(0, len(x), 32)]
-    test = [(xt.view(-1, 3, 2, 2), yt)]
-    acc = linear_probe_augmented(backbone, train, test, num_classes=4, feat_dim=12, epochs=15, batch_size=32)
-    assert acc["top1"] >= 95.0
+    return backbone
+
+
+def test_augmented_linear_probe_trains_on_new_views_each_epoch_and_reports_best():
+    x, y = _blobs(40, 4, 12, seed=5)
+    xt, yt = _blobs(10, 4, 12, seed=6)
+    train = _EpochViews(x, y, batch=32)
+    acc = linear_probe_augmented(_flat_backbone(), train, [(xt.view(-1, 3, 2, 2), yt)], num_classes=4,
+                                 feat_dim=12, epochs=15, batch_size=32)
+    assert train.epochs == list(range(15))  # set_epoch before every epoch: new crops each time
+    assert acc["top1"] >= 95.0 and acc["best_top1"] >= acc["top1"] and 1 <= acc["best_epoch"] <= 15
+    first = [b[0] for b in (train.set_epoch(0) or train)]
+    second = [b[0] for b in (train.set_epoch(1) or train)]
+    assert not torch.equal(first[0], second[0])
+
+
+def test_augmented_linear_probe_needs_set_epoch():
+    x, y = _blobs(4, 2, 12, seed=5)
+    with pytest.raises(TypeError, match="set_epoch"):
+        linear_probe_augmented(_flat_backbone(), [(x.view(-1, 3, 2, 2), y)], [(x.view(-1, 3, 2, 2), y)],
+                               num_classes=2, feat_dim=12, epochs=1)
 
 
 def test_tsne_writes_png(tmp_path):
@@ -175,6 +209,14 @@ def test_checkpoint_errors_are_clear(tmp_path):
     torch.save({"model": {}, "config": {"lr": 0.1, "bogus": 1}}, tmp_path / "b.pt")
     with pytest.raises(ConfigError, match="bogus"):
         load_checkpoint(tmp_path / "b.pt")
+    # not a checkpoint: say what the file is not, and never pass on torch's advice to load it unsafely
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    torch.save(argparse.Namespace(lr=0.1), tmp_path / "pickled.pt")
+    for name, what in (("notes.pt", "not a torch.save file"), ("pickled.pt", "Python objects other than tensors")):
+        with pytest.raises(ValueError, match="is not a trainer checkpoint") as err:
+            load_checkpoint(tmp_path / name)
+        assert what in str(err.value) and "weights_only" not in str(err.value)
+        assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
 def test_eval_tool_end_to_end_on_image_folder(tmp_path, image_folder):
@@ -186,6 +228,12 @@ def test_eval_tool_end_to_end_on_image_folder(tmp_path, image_folder):
     for key in ("knn_top1", "linear_top1", "linear_top5"):
         assert 0.0 <= saved[key] <= 100.0 and saved[key] == result[key]
     assert saved["linear_top5"] == 100.0  # 3 classes: top-5 covers all
+    assert saved["probe"].startswith("full (paper") and 1 <= saved["linear_best_epoch"] <= 3  # the default
+    assert saved["linear_best_top1"] >= saved["linear_top1"]
     assert (tmp_path / "tsne.png").read_bytes()[:4] == b"\x89PNG"
+    fast = _tool("eval").main(["--ckpt", str(ckpt), "--probe", "fast", "--probe-epochs", "3", "--num-workers", "0",
+                               "--batch-size", "8", "--device", "cpu", "--no-tsne", "--out-dir", str(tmp_path / "f")])
+    assert fast["probe"].startswith("fast (cached") and "linear_best_top1" not in fast
+    assert "| linear top-1, fast (cached" in _tool("eval").format_table(fast)
     with pytest.raises(FileNotFoundError, match="ImageFolder"):
         _tool("eval").main(["--ckpt", str(ckpt), "--data", str(tmp_path), "--no-tsne"])

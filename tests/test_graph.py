@@ -413,6 +413,10 @@ def test_nan_loss_stops_without_saving(tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "last.pt").exists()
 
 
-def test_too_many_anchors_fail_before_training(tmp_path):
+def test_bad_data_fails_before_any_output(tmp_path):
     with pytest.raises(ConfigError, match="num_anchors=64 must be <= 34"):
         train_graph.main(_karate_cfg(tmp_path, "name=big", "num_anchors=64"))
+    cfg = load_graph_config(None, [f"data={tmp_path / 'missing'}", f"out_dir={tmp_path}", "name=missing"])
+    with pytest.raises(ConfigError, match="missing.*does not exist"):
+        train_graph.main(cfg)
+    assert not (tmp_path / "big").exists() and not (tmp_path / "missing").exists()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ressl.config import ConfigError, run_tool  # noqa: E402
 from ressl.graph.augment import augment  # noqa: E402
 from ressl.graph.config import GraphConfig, load_graph_config, resume_refusals  # noqa: E402
-from ressl.graph.data import load_graph  # noqa: E402
+from ressl.graph.data import GraphDataError, load_graph  # noqa: E402
 from ressl.graph.eval import linear_probe_splits, random_splits  # noqa: E402
 from ressl.graph.model import RGRL  # noqa: E402
 from ressl.graph.sampling import anchor_probabilities, diffusion_neighbours, node_degree  # noqa: E402
@@ -66,11 +66,12 @@ def main(cfg: GraphConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
     device = accelerator.device
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     # --- data: the graph, its anchor distribution and diffusion neighbours, the evaluation splits ------
-    data = load_graph(cfg.data)
+    try:
+        data = load_graph(cfg.data)
+    except GraphDataError as e:
+        raise ConfigError(f"data={cfg.data!r}: {e}") from None
     n = data.num_nodes
     if cfg.num_anchors > n or cfg.topk >= n:
         raise ConfigError(f"{cfg.data}: {n} nodes; num_anchors={cfg.num_anchors} must be <= {n} and "
@@ -83,6 +84,8 @@ def main(cfg: GraphConfig) -> dict[str, Any]:
              time.perf_counter() - t0)
     splits = random_splits(n, cfg.eval_splits, cfg.eval_val_frac, cfg.eval_test_frac, seed=cfg.seed)
     x, edge_index, y = data.x.to(device), data.edge_index.to(device), data.y.to(device)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     # --- model + optimiser (AdamW at a constant lr, as the authors) -------------------------------------
     model = RGRL(data.x.shape[1], cfg.hidden_dim, cfg.embed_dim, cfg.pred_hidden,

@@ -1,0 +1,280 @@
+"""Converter reliability (issues "Reliability" and "Training that provably learns", data rows): the record
+order, bad data (16-bit images, empty class folders, one odd-sized image), changed sources, worker
+counts and killed writers. Each test reproduces what went wrong before the fix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.formats.convert import ConvertOptions, convert, record_order
+from pipelines.formats.recordio import RecordIOReader
+from pipelines.formats.sources import SourceError, build_source
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(progress=False)
+needs_ffcv = pytest.mark.skipif(__import__("importlib").util.find_spec("ffcv") is None,
+                                reason="FFCV is not installed (the [ffcv] extra)")
+
+
+def _save(path: Path, image: np.ndarray, fmt: str = "PNG") -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format=fmt)
+    return path
+
+
+def _class_sorted_tree(root: Path, classes: int = 4, per_class: int = 6, side: int = 12, seed: int = 0) -> None:
+    """A tree whose files list class by class (as ImageFolder sorts them): the worst case for shards."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        for k in range(per_class):
+            _save(root / f"c{c}" / f"{k:03d}.png", rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def _read_beton_labels(path: Path) -> np.ndarray:
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    loader = Loader(str(path), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    return np.concatenate([np.array(lab).ravel() for _, lab in loader])
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# record order
+
+
+@needs_ffcv
+def test_records_are_written_in_a_seeded_random_order(tmp_path):
+    """Before: records in class order, so readers.mxnet's contiguous shards saw half the classes."""
+    _class_sorted_tree(tmp_path / "src")
+    source = build_source("folder", tmp_path / "src")
+    labels = source.split("train").labels
+    manifest = convert(source, tmp_path / "out", ConvertOptions(formats=("rec", "beton"), seed=3, **QUIET))
+    out = tmp_path / "out" / "folder"
+    order = record_order(3, "train", len(labels))
+    assert not np.array_equal(order, np.arange(len(labels)))
+    records = list(RecordIOReader(out / "train.rec", out / "train.idx"))
+    assert [r.id for r in records] == order.tolist()
+    assert [int(r.label) for r in records] == labels[order].tolist()  # labels travel with their images
+    np.testing.assert_array_equal(_read_beton_labels(out / "train.beton"), labels[order])
+    assert manifest["order"]["seed"] == 3
+    assert manifest["outputs"]["train.rec"]["params"]["seed"] == 3
+    # the first quarter of the records (one rank's contiguous shard of 4) holds most classes, not one
+    assert len(set(labels[order][: len(order) // 4].tolist())) >= 3
+    convert(source, tmp_path / "out", ConvertOptions(formats=("rec",), seed=4, **QUIET))  # new seed: rebuilt
+    assert [r.id for r in RecordIOReader(out / "train.rec", out / "train.idx")] == \
+        record_order(4, "train", len(labels)).tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad data
+
+
+def test_16_bit_png_is_scaled_to_8_bits_and_the_reason_says_so(tmp_path):
+    """Before: Pillow's convert('RGB') clipped every value above 255: a near-white image, 'converted'."""
+    from PIL import Image
+
+    ramp = (np.arange(24 * 32, dtype=np.uint32).reshape(24, 32) * 85).astype(np.uint16)  # 0 .. 65195
+    path = tmp_path / "src" / "a" / "deep.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "I;16"
+    _save(tmp_path / "src" / "a" / "plain.png", np.zeros((4, 4, 3), np.uint8))
+    manifest = convert(build_source("folder", tmp_path / "src"), tmp_path / "out",
+                       ConvertOptions(formats=("rec",), **QUIET))
+    entry = next(b for b in manifest["bad_files"] if b["file"].endswith("deep.png"))
+    assert "16-bit" in entry["reason"] and "scaled to 8 bits" in entry["reason"]
+    out = tmp_path / "out" / "folder"
+    rec = next(r for r in RecordIOReader(out / "train.rec", out / "train.idx") if r.id == 0)
+    import io
+
+    got = np.asarray(Image.open(io.BytesIO(rec.payload)).convert("RGB")).astype(np.float64)
+    want = np.round(ramp / 257.0)
+    assert np.abs(got[..., 0] - want).mean() < 3  # JPEG of a ramp; clipping would give ~250 everywhere
+    assert got.mean() < 160 and abs(got.mean() - want.mean()) < 3
+
+
+def test_empty_class_folder_is_left_out_with_a_warning(tmp_path, caplog):
+    """Before: an empty folder became a class index with no images and no message."""
+    _class_sorted_tree(tmp_path / "src" / "train", classes=2, per_class=2)
+    (tmp_path / "src" / "train" / "b_empty").mkdir()
+    (tmp_path / "src" / "train" / "b_empty" / ".hidden").write_text("not an image")
+    _class_sorted_tree(tmp_path / "src" / "val", classes=2, per_class=1)
+    caplog.set_level(logging.WARNING)
+    source = build_source("folder", tmp_path / "src")
+    assert source.classes == ["c0", "c1"]
+    assert "'b_empty' is empty" in caplog.text
+    assert source.folder_splits == {}  # the tree is copied without it, so every reader sees the same classes
+    manifest = convert(source, tmp_path / "out", ConvertOptions(formats=("rec",), **QUIET))
+    assert manifest["classes"] == ["c0", "c1"]
+    assert manifest["skipped_classes"][0]["class"] == "b_empty"
+    assert sorted(p.name for p in (tmp_path / "out" / "folder" / "train").iterdir()) == ["c0", "c1"]
+
+    _save(tmp_path / "src" / "val" / "b_empty" / "x.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(SourceError, match=r"\['b_empty'\] are empty but .*val has images"):
+        build_source("folder", tmp_path / "src")
+    (tmp_path / "classes.txt").write_text("b_empty\nc0\n")
+    with pytest.raises(SourceError, match="--classes .*b_empty.* are empty"):
+        build_source("folder", tmp_path / "src", classes_file=str(tmp_path / "classes.txt"))
+
+
+@needs_ffcv
+def test_beton_mode_is_decided_once_per_dataset(tmp_path):
+    """Before: one 4000x10 image turned train.beton into JPEG while val stayed raw."""
+    _class_sorted_tree(tmp_path / "src" / "train", classes=2, per_class=5, side=16)
+    _save(tmp_path / "src" / "train" / "c0" / "wide.png", np.full((10, 4000, 3), 128, np.uint8))
+    _class_sorted_tree(tmp_path / "src" / "val", classes=2, per_class=2, side=16)
+    manifest = convert(build_source("folder", tmp_path / "src"), tmp_path / "out",
+                       ConvertOptions(formats=("beton",), **QUIET))
+    assert manifest["outputs"]["train.beton"]["params"]["mode"] == "raw"
+    assert manifest["outputs"]["val.beton"]["params"]["mode"] == "raw"
+    assert manifest["beton_auto"]["split"] == "train" and manifest["beton_auto"]["median_longer_side"] == 16
+
+
+def test_changed_source_is_noticed_and_rebuilt(tmp_path, caplog):
+    """Before: `make dataset` kept stale outputs after the source folder changed."""
+    _class_sorted_tree(tmp_path / "src", classes=2, per_class=3)
+    opts = ConvertOptions(formats=("rec",), **QUIET)
+    convert(build_source("folder", tmp_path / "src"), tmp_path / "out", opts)
+    rec = tmp_path / "out" / "folder" / "train.rec"
+    first = rec.stat().st_mtime_ns
+    convert(build_source("folder", tmp_path / "src"), tmp_path / "out", opts)
+    assert rec.stat().st_mtime_ns == first  # unchanged source: nothing rebuilt
+    _save(tmp_path / "src" / "c1" / "new.png", np.zeros((12, 12, 3), np.uint8))
+    caplog.set_level(logging.WARNING)
+    manifest = convert(build_source("folder", tmp_path / "src"), tmp_path / "out", opts)
+    assert "the source changed since the last conversion" in caplog.text
+    assert manifest["splits"]["train"]["count"] == 7
+    assert len(RecordIOReader(rec, rec.with_suffix(".idx"))) == 7
+    # a file rewritten in place (same name, new size / mtime) counts as a change too
+    os.utime(tmp_path / "src" / "c0" / "000.png", ns=(1, 1))
+    before = rec.stat().st_mtime_ns
+    time.sleep(0.01)
+    convert(build_source("folder", tmp_path / "src"), tmp_path / "out", opts)
+    assert rec.stat().st_mtime_ns != before
+    force_before = rec.stat().st_mtime_ns
+    time.sleep(0.01)
+    convert(build_source("folder", tmp_path / "src"), tmp_path / "out",
+            ConvertOptions(formats=("rec",), force=True, **QUIET))
+    assert rec.stat().st_mtime_ns != force_before
+
+
+# ------------------------------------------------------------------------------------------------
+# worker counts and kills
+
+
+@needs_ffcv
+def test_two_workers_write_the_same_bytes_as_one(tmp_path):
+    """Before: FFCV's workers booked pages as they raced, so WORKERS=2 gave another .beton."""
+    _class_sorted_tree(tmp_path / "src", classes=3, per_class=80, side=10)  # 240 samples: several chunks
+    source = build_source("folder", tmp_path / "src")
+    digests = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        convert(source, out, ConvertOptions(formats=("rec", "beton"), workers=workers, **QUIET))
+        digests[workers] = {f: _sha(out / "folder" / f) for f in ("train.beton", "train.rec", "train.idx")}
+    assert digests[1] == digests[2]
+
+
+@needs_ffcv
+def test_write_beton_is_byte_identical_across_workers_in_every_mode(tmp_path):
+    from pipelines.formats.beton import write_beton
+
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, 256, (int(rng.integers(8, 40)), int(rng.integers(8, 40)), 3), dtype=np.uint8),
+                i % 7) for i in range(60)]
+    for mode in ("raw", "proportion"):
+        shas = set()
+        for workers in (1, 3):
+            path = tmp_path / f"{mode}{workers}.beton"
+            write_beton(path, samples, mode=mode, num_workers=workers, chunk_size=4)
+            shas.add(_sha(path))
+        assert len(shas) == 1, mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proportion1.beton", "proportion3.beton",
+                                                         "raw1.beton", "raw3.beton"]
+
+
+_SLOW_WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    sys.path.insert(0, {root!r})
+    from pipelines.formats.beton import write_beton
+
+    class Slow:
+        def __len__(self):
+            return 300
+
+        def __getitem__(self, i):
+            time.sleep(0.07)
+            return np.zeros((8, 8, 3), np.uint8), i
+
+    write_beton({out!r}, Slow(), mode="raw", num_workers=2, chunk_size=5)
+""")
+
+
+@needs_ffcv
+def test_killed_writer_leaves_no_child_and_no_shared_memory(tmp_path):
+    """Before: an FFCV writer child could outlive a SIGKILLed parent, holding the temp file and /dev/shm."""
+    import psutil
+
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_WRITER.format(root=str(ROOT), out=str(tmp_path / "x.beton")))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail("the writer finished before it could be killed")
+            # forked workers share the parent's command line (not the resource tracker, not ldconfig)
+            children = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+            if len(children) >= 2 and list(tmp_path.glob(".x.beton.*tmp-*")):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the writer's workers never started")
+        time.sleep(0.5)  # let them pick up work
+        segments = {m.path for m in parent.memory_maps() if m.path.startswith("/dev/shm/")}
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"writer workers outlived their parent: {[c.pid for c in alive]}"
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(s) for s in segments) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [s for s in segments if os.path.exists(s)]
+    finally:
+        for c in children:
+            if c.is_running():
+                c.kill()
+    # the re-run's converter removes the killed run's temporary
+    from ressl.io import remove_stale_temps
+
+    assert remove_stale_temps(tmp_path) and not list(tmp_path.glob(".x.beton*"))
+
+
+def test_manifest_records_fingerprint_and_order(tmp_path):
+    _class_sorted_tree(tmp_path / "src", classes=2, per_class=2)
+    convert(build_source("folder", tmp_path / "src"), tmp_path / "out", ConvertOptions(formats=("rec",), **QUIET))
+    manifest = json.loads((tmp_path / "out" / "folder" / "manifest.json").read_text())
+    assert len(manifest["splits"]["train"]["source_fingerprint"]) == 64
+    assert "permutation" in manifest["order"]["rule"] and manifest["skipped_classes"] == []

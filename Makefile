@@ -8,7 +8,7 @@ CONFIG  ?= configs/demo.yaml
 ARGS    ?=
 EXPORT  ?= backbone.pth
 
-.PHONY: help setup test train train-graph dataset bench eval export lint
+.PHONY: help setup test train train-graph dataset bench gpu-check eval export lint
 
 help:
 	@echo "make setup            create .venv/ and install ressl with all extras (+ Debian packages FFCV needs, as root)"
@@ -18,6 +18,7 @@ help:
 	@echo "make dataset DATA=... write data/NAME/ (ImageFolder, .beton, .rec); SRC=path OUT=dir FORMATS=beton,rec"
 	@echo "make dataset DATA=planetoid SRC=DIR NAME=Cora|CiteSeer|PubMed, DATA=karate, DATA=digits-knn   graph.pt"
 	@echo "make bench ARGS=...   images/s of loaders, model step and end to end (JSON)"
+	@echo "make gpu-check        the prepared GPU run (env, CUDA tests, rates, training); ARGS=\"--cpu\" on CPU"
 	@echo "make eval CKPT=...    kNN + linear probe + t-SNE of a checkpoint"
 	@echo "make export CKPT=... EXPORT=backbone.pth   torchvision state_dict of the trained backbone"
 	@echo "make lint             ruff"
@@ -64,6 +65,12 @@ train-graph:
 bench:
 	@echo "==> tools/bench.py $(ARGS)"
 	$(PY) tools/bench.py $(ARGS)
+
+# The GPU machine is bare (no .venv): fall back to its own python3, with the checkout on PYTHONPATH.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@echo "==> tools/gpucheck.py $(ARGS) (gpucheck.json + gpucheck.md; python: $(GPU_PY))"
+	PYTHONPATH=. $(GPU_PY) tools/gpucheck.py $(ARGS)
 
 eval:
 	@echo "==> tools/eval.py $(CKPT)"

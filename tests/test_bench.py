@@ -275,6 +275,7 @@ def test_installed_fast_backends_measure(cache, backend):
     assert torch.get_num_threads() == 1 == rep["args"]["threads"]
 
 
+@pytest.mark.cuda
 def test_cuda_rows_report_device_memory(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: peak device memory and synchronised timing are CUDA-only")

@@ -327,6 +327,7 @@ def test_gpu_graph_is_the_cpu_graph_on_another_device(fused):
     assert devices[True] == ["gpu", "gpu", "cpu"]
 
 
+@pytest.mark.cuda
 def test_gpu_pipeline_delivers_on_cuda(image_folder):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: the mixed-decoder / GPU-op pipeline only runs on a GPU")

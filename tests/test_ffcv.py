@@ -240,6 +240,7 @@ def test_multicrop_decoder_checks_its_arguments():
         MultiCropDecoder(0, [(0.2, 1.0)], [(0.75, 1.33)])
 
 
+@pytest.mark.cuda
 def test_cuda_batches_land_on_the_device(data):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the CUDA path differs only by ToDevice and gpu_augment's torch ops")

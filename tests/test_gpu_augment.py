@@ -221,6 +221,7 @@ def test_bad_inputs_are_named():
         ga.normalize(torch.zeros(2, 3, 8, 8), ZERO, (1.0, 0.0, 1.0))
 
 
+@pytest.mark.cuda
 def test_cuda_matches_cpu(images):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the device path is the same torch code tested above on CPU")

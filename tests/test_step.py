@@ -119,3 +119,23 @@ def test_same_seed_same_steps(accelerator):
         _, step = _setup(accelerator)
         losses.append([step(*_views(i), momentum=0.9)[0].item() for i in range(3)])
     assert losses[0] == losses[1]
+
+
+@pytest.mark.cuda
+def test_bf16_step_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: the bf16 autocast step training takes on a GPU")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        acc = Accelerator(mixed_precision="bf16")
+        _, step = _setup(acc, channels_last=True)
+        weak, strong = _views()
+        fmt = torch.channels_last
+        loss, _ = step(weak.to(acc.device, memory_format=fmt), [s.to(acc.device, memory_format=fmt) for s in strong],
+                       momentum=0.9)
+        assert loss.dtype == torch.float32, "the loss is computed in float32 under autocast"
+        assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in step.core.parameters())
+        assert step.nonfinite.device.type == "cuda" and not step.nonfinite.item()
+        assert int(step.core.queue.ptr) == 4
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -304,3 +304,25 @@ def test_beton_failing_sample_raises_and_writes_nothing(tmp_path):
         write_beton(tmp_path / "y.beton", [])
     with pytest.raises(ValueError, match="beton mode"):
         write_beton(tmp_path / "z.beton", [(np.zeros((2, 2, 3), np.uint8), 0)], mode="png")
+
+
+def test_one_synthetic_jpeg_generator(tmp_path):
+    """The conversion benchmark's tree and the loader benchmark's cache hold the very same bytes."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from pipelines.formats import synthetic
+
+    root = synthetic.make_jpeg_tree(tmp_path / "tree", 3, classes=2, seed=4)
+    files = sorted(root.rglob("*.jpg"))
+    assert [f.relative_to(root).as_posix() for f in files] == ["c000/000000.jpg", "c000/000002.jpg",
+                                                               "c001/000001.jpg"]
+    assert files[1].read_bytes() == synthetic.make_jpeg(2, seed=4) != synthetic.make_jpeg(2, seed=5)
+    assert _decode(files[0].read_bytes()).shape[2] == 3
+    path = Path(__file__).resolve().parents[1] / "tools" / "_benchdata.py"
+    spec = importlib.util.spec_from_file_location("benchdata_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("benchdata_probe", module)
+    spec.loader.exec_module(module)
+    assert module.make_jpeg is synthetic.make_jpeg and module.GENERATOR_VERSION == synthetic.GENERATOR_VERSION

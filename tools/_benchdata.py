@@ -18,7 +18,6 @@ Layout under ``root`` (``data/bench/n{N}-s{seed}`` by default)::
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipelines.formats import FORMATS
+from pipelines.formats.synthetic import GENERATOR_VERSION, QUALITY, make_jpeg  # the one generator
 from ressl.io import atomic_write_json, remove_stale_temps, replace_dir
 
 __all__ = [
@@ -46,48 +47,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("data/bench")
-# Bump when make_jpeg changes, so a cache built by older code is never mistaken for the current one.
-GENERATOR_VERSION = 1
 NUM_CLASSES = 10
-QUALITY = 90
-FORMATS = ("folder", "beton", "rec")
-_OCTAVES = (2, 4, 8, 16, 32, 64)  # cells across the image width, coarse to fine
 
 
 def bench_root(num_images: int, seed: int, base: str | os.PathLike = DEFAULT_ROOT) -> Path:
     """Cache directory of one (count, seed) set; different sets never share a directory."""
     return Path(base) / f"n{num_images}-s{seed}"
-
-
-def _resize(a: np.ndarray, w: int, h: int, resample: Image.Resampling) -> np.ndarray:
-    """Resize a float32 HxWxC array channel by channel with Pillow (mode "F" keeps full precision)."""
-    return np.stack([np.asarray(Image.fromarray(a[..., c]).resize((w, h), resample)) for c in range(a.shape[-1])],
-                    axis=-1)
-
-
-def make_jpeg(index: int, seed: int = 0) -> bytes:
-    """The JPEG bytes of image ``index``: a pure function of (index, seed, GENERATOR_VERSION).
-
-    Sizes vary around 500x375 (width 400-600, aspect 0.6-0.9, one in five portrait). The colour field
-    is summed over octaves at quarter resolution (cheap), upsampled, then given full-resolution noise
-    (sigma 12 grey levels) so the JPEG carries high-frequency detail as photos do.
-    """
-    rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
-    w = int(rng.integers(400, 601))
-    h = int(round(w * rng.uniform(0.6, 0.9)))
-    if rng.random() < 0.2:
-        w, h = h, w
-    sw, sh = (w + 3) // 4, (h + 3) // 4
-    field = np.zeros((sh, sw, 3), np.float32)
-    for octave, cells in enumerate(_OCTAVES):
-        grid = rng.standard_normal((max(2, cells * h // w), cells, 3), dtype=np.float32)
-        field += _resize(grid, sw, sh, Image.Resampling.BICUBIC) * (64.0 / (octave + 1.5))
-    img = _resize(field, w, h, Image.Resampling.BILINEAR)
-    img += rng.standard_normal(img.shape, dtype=np.float32) * 12.0
-    pixels = np.clip(img + 128.0, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="JPEG", quality=QUALITY)
-    return buf.getvalue()
 
 
 def _write_one(args: tuple[Path, int, int]) -> tuple[int, str, int]:

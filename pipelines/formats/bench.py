@@ -4,12 +4,13 @@
     python -m pipelines.formats.bench --part kernels
     python -m pipelines.formats.bench --part convert --images 200 --workers 1 2
 
-``convert`` writes ``--images`` photo-like JPEGs of about 500x375 (ImageNet's typical size) into a
-temporary ImageFolder tree and times each output format through :func:`~.convert.convert` (the same
-code ``make dataset`` runs), after one warm-up conversion so imports and Numba compilation are not
-counted. ``kernels`` times each kernel compiled, as its pure-Python body (the JIT switch off), and,
-where one exists, as the NumPy expression a person would write instead. Every figure is the median
-of ``--repeats`` runs; results are logged and written as JSON with ``--json``.
+``convert`` writes ``--images`` photo-like JPEGs of about 500x375 (ImageNet's typical size; the
+loader benchmark's generator, :mod:`.synthetic`) into a temporary ImageFolder tree and times each
+output format through :func:`~.convert.convert` (the same code ``make dataset`` runs), after one
+warm-up conversion so imports and Numba compilation are not counted. ``kernels`` times each kernel
+compiled, as its pure-Python body (the JIT switch off), and, where one exists, as the NumPy
+expression a person would write instead. Every figure is the median of ``--repeats`` runs; results
+are logged and written as JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import numpy as np
 
 from . import kernels
 from .recordio import IR_HEADER_SIZE, MAGIC
+from .synthetic import make_jpeg_tree
 
-__all__ = ["bench_convert", "bench_kernels", "make_jpeg_tree"]
+__all__ = ["bench_convert", "bench_kernels"]
 
 log = logging.getLogger("pipelines.formats.bench")
 
@@ -116,25 +118,6 @@ def _bench_framing(payloads: list[bytes], repeats: int) -> dict[str, float]:
         "python": n / _median_time(lambda: _frame_with(payloads, *py), max(1, repeats // 2)),
         "struct": n / _median_time(lambda: _frame_with_struct(payloads), repeats),
     }
-
-
-def make_jpeg_tree(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
-    """``n`` photo-like JPEGs (smooth colour waves + texture + noise, q90, 500x375 or 375x500) in class folders."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        w, h = (500, 375) if i % 3 else (375, 500)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        img = np.empty((h, w, 3), dtype=np.float32)
-        for c in range(3):
-            a, b, phase = rng.uniform(0.005, 0.05), rng.uniform(0.005, 0.05), rng.uniform(0, 6)
-            img[..., c] = 128 + 80 * np.sin(a * xx + phase) * np.cos(b * yy) + 30 * np.sin(0.3 * xx + 0.2 * yy + c)
-        img += rng.normal(0, 12, img.shape).astype(np.float32)
-        d = root / f"n{i % classes:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"img_{i:05d}.JPEG", quality=90)
-    return root
 
 
 def bench_convert(n: int = 200, workers: tuple[int, ...] = (1,), repeats: int = 3) -> dict[str, float]:

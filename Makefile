@@ -8,11 +8,12 @@ CONFIG  ?= configs/demo.yaml
 ARGS    ?=
 EXPORT  ?= backbone.pth
 
-.PHONY: help setup test train train-graph dataset bench gpu-check eval export lint
+.PHONY: help setup test train learn-check train-graph dataset bench gpu-check eval export lint
 
 help:
 	@echo "make setup            create .venv/ and install ressl with all extras (+ Debian packages FFCV needs, as root)"
 	@echo "make train            demo dataset (if missing) + a short demo run with kNN before/after"
+	@echo "make learn-check      demo data: random init vs MoCo v2 vs ReSSL vs TPAMI vs seed-004, one budget (table + JSON)"
 	@echo "make train-graph      digits k-NN graph (if missing) + a short RGRL run with node accuracy before/after"
 	@echo "make test             run the test suite (CPU)"
 	@echo "make dataset DATA=... write data/NAME/ (ImageFolder, .beton, .rec); SRC=path OUT=dir FORMATS=beton,rec"
@@ -56,6 +57,11 @@ train:
 	@test -d $(OUT)/demo/train || $(MAKE) dataset DATA=demo
 	@echo "==> demo training run ($(CONFIG))"
 	$(PY) tools/train.py --config $(CONFIG) $(ARGS)
+
+learn-check:
+	@test -d $(OUT)/demo/train || $(MAKE) dataset DATA=demo
+	@echo "==> tools/learncheck.py ($(CONFIG)): every variant at one budget -> runs/learncheck/learncheck.md, .json"
+	$(PY) tools/learncheck.py --config $(CONFIG) $(ARGS)
 
 train-graph:
 	@test -f $(OUT)/digits-knn/graph.pt || $(MAKE) dataset DATA=digits-knn

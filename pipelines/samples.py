@@ -131,7 +131,7 @@ class RecordSamples(_Mapped):
                                     f"{self.rec.name} by `make dataset` (FORMATS=rec)")
         self._file = self.rec
         self.offsets = read_index(self.idx)
-        check_index(self.rec, self.offsets)
+        check_index(self.rec, self.offsets, max_bad=0.5)  # single corrupt records are skipped later
         self._map: np.memmap | None = None
         self.labels = self._read_labels(IR_HEADER_SIZE)
         if num_classes is not None:

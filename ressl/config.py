@@ -39,7 +39,11 @@ class Config:
     train_split: str = "train"  # STL-10 trains on "unlabeled"
     backend: str = "auto"  # auto | torchvision | dali | ffcv
     recipe: str = "imagenet224"  # augmentation preset in pipelines/spec.py
-    num_workers: int = 8  # loader processes (torchvision) or threads (DALI / FFCV) per training process
+    num_workers: int = 8  # loader PROCESSES per training process (torchvision DataLoader workers; 0 = in-process)
+    num_threads: int = 0  # loader THREADS per training process (DALI CPU threads, FFCV threads); 0 = num_workers
+    ffcv_order: str = "auto"  # FFCV visiting order: auto | random | quasi_random (one process only) | sequential
+    ffcv_os_cache: bool = True  # FFCV: let the OS page cache hold the .beton (false = FFCV's own process cache)
+    ffcv_batches_ahead: int = 3  # FFCV: batches prepared in advance
     channels_last: bool = True
 
     # --- model -----------------------------------------------------------------------------------
@@ -90,7 +94,7 @@ class Config:
         positive = ["shuffle_bn_splits", "batch_size", "epochs", "queue_size", "proj_hidden", "proj_dim",
                     "pred_hidden", "log_every", "ckpt_every", "knn_k"]
         errs += [f"{k} must be > 0, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
-        nonneg = ["num_workers", "warmup_epochs", "warmup_infonce_epochs", "infonce_blend_epochs", "max_steps",
+        nonneg = ["num_workers", "num_threads", "warmup_epochs", "warmup_infonce_epochs", "infonce_blend_epochs", "max_steps",
                   "knn_every", "w_rel", "w_sim", "weight_decay"]
         errs += [f"{k} must be >= 0, got {getattr(self, k)}" for k in nonneg if getattr(self, k) < 0]
         errs += [f"{k} must be > 0, got {getattr(self, k)}" for k in ("tau_s", "tau_t", "infonce_tau", "lr", "knn_t")
@@ -101,6 +105,10 @@ class Config:
             errs.append(f"momentum_schedule must be 'constant' or 'cosine', got {self.momentum_schedule!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             errs.append(f"precision must be one of auto/no/bf16/fp16, got {self.precision!r}")
+        if self.ffcv_order not in ("auto", "random", "quasi_random", "sequential"):
+            errs.append(f"ffcv_order must be one of auto/random/quasi_random/sequential, got {self.ffcv_order!r}")
+        if self.ffcv_batches_ahead < 1:
+            errs.append(f"ffcv_batches_ahead must be >= 1, got {self.ffcv_batches_ahead}")
         if self.backend not in ("auto", "torchvision", "dali", "ffcv"):
             errs.append(f"backend must be one of auto/torchvision/dali/ffcv, got {self.backend!r}")
         if self.w_rel == 0 and self.w_sim == 0:

@@ -420,3 +420,15 @@ def test_bad_data_fails_before_any_output(tmp_path):
     with pytest.raises(ConfigError, match="missing.*does not exist"):
         train_graph.main(cfg)
     assert not (tmp_path / "big").exists() and not (tmp_path / "missing").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the bf16 autocast path of RGRL)")
+def test_digits_run_on_cuda_in_bf16(tmp_path):
+    save_graph(tmp_path / "digits" / "graph.pt", digits_knn_graph(10), "digits-knn")
+    cfg = load_graph_config(ROOT / "configs" / "rgrl-digits.yaml",
+                            [f"data={tmp_path / 'digits'}", f"out_dir={tmp_path}", "epochs=80", "eval_every=0",
+                             "num_threads=0", "precision=auto"])
+    s = train_graph.main(cfg)
+    assert s["device"].startswith("cuda") and s["precision"] == "bf16"
+    assert s["acc_after"]["test_mean"] >= s["acc_before"]["test_mean"] + 2.0

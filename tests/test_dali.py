@@ -283,6 +283,22 @@ def test_recordio_shards_labels_and_resume(tmp_path):
     assert sorted(sum(full, [])) == list(range(24))
 
 
+def test_recordio_resume_seeks_without_reading_skipped_batches(tmp_path):
+    """A resume at batch 4 reads batch 4's records first: nothing of batches 0-3 is read or decoded."""
+    images = np.stack(_noise_images(24, seed=4))
+    _write_rec(tmp_path, images)
+    spec = _identity_spec()
+    loader = dali(tmp_path, spec, batch_size=4)
+    loader.set_epoch(1)
+    full = [_match(_pixels(b.weak, spec), images) for b in loader]
+    read: list[int] = []
+    encoded = loader.samples.encoded
+    loader.samples.encoded = lambda i: (read.append(i), encoded(i))[1]
+    loader.set_epoch(1, start_batch=4)
+    assert [_match(_pixels(b.weak, spec), images) for b in loader] == full[4:]
+    assert read[:8] == full[4] + full[5]  # records are the images in write order
+
+
 def test_bad_input_is_named(tmp_path, noise_data):
     images = np.stack(_noise_images(8, seed=2))
     _write_rec(tmp_path, images)

@@ -278,3 +278,38 @@ def test_manifest_records_fingerprint_and_order(tmp_path):
     manifest = json.loads((tmp_path / "out" / "folder" / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["source_fingerprint"]) == 64
     assert "permutation" in manifest["order"]["rule"] and manifest["skipped_classes"] == []
+
+
+def test_killed_conversion_leaves_no_encode_worker(tmp_path):
+    """The encode pass's worker pool dies with a SIGKILLed `make dataset` too (WORKERS=2)."""
+    import psutil
+
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    _save(src / "0.png", np.zeros((8, 8, 3), np.uint8))
+    data = (src / "0.png").read_bytes()
+    for k in range(1, 4000):
+        (src / f"{k}.png").write_bytes(data)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "dataset.py"), "folder", "--src", str(tmp_path / "src"), "--out",
+           str(out), "--formats", "rec", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    workers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            workers = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+            if len(workers) >= 2 and list((out / "folder").glob(".train.rec.tmp-*")):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the conversion finished (or never started its workers) before it could be killed")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        _, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive, f"encode workers outlived their parent: {[c.pid for c in alive]}"
+    finally:
+        for c in workers:
+            if c.is_running():
+                c.kill()

@@ -5,6 +5,9 @@ into its own ops; none of them hard-codes a probability or a crop scale. Views a
 (``weak``, ``strong``, ``crop_0`` ...), never by list position, so which view feeds the teacher can
 never depend on the order of a list.
 
+A run changes a preset with ``recipe.<view>.<field>=value`` keys (:func:`resolve_recipe`), e.g.
+``recipe.strong.blur_p=0.5``, ``recipe.weak.scale=[0.08,1.0]``, ``recipe.strong.jitter.brightness=0.4``.
+
 Presets follow ReSSL (NeurIPS 2021, TPAMI 2024):
   weak   = RandomResizedCrop(scale 0.2-1) + flip
   strong = RandomResizedCrop(scale 0.2-1) + ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 + grayscale p=0.2
@@ -13,7 +16,10 @@ Presets follow ReSSL (NeurIPS 2021, TPAMI 2024):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -26,7 +32,10 @@ __all__ = [
     "TwoViewSpec",
     "MultiCropSpec",
     "PRESETS",
+    "RecipeError",
+    "apply_overrides",
     "get_recipe",
+    "resolve_recipe",
     "blur_kernel_size",
 ]
 
@@ -214,3 +223,97 @@ def get_recipe(name: str) -> RecipeSpec:
     except KeyError:
         raise KeyError(f"unknown recipe {name!r}; known recipes: {sorted(PRESETS)}") from None
 
+
+
+class RecipeError(ValueError):
+    """An unknown recipe, or a ``recipe.<view>.<field>`` override that names no field or cannot work."""
+
+
+def resolve_recipe(name: str, overrides: Mapping[str, Any] | None = None) -> RecipeSpec:
+    """The preset ``name`` with ``overrides`` applied: the one recipe a run uses, resolved once.
+
+    Raises:
+        RecipeError: unknown preset, or an override that :func:`apply_overrides` rejects.
+    """
+    try:
+        spec = get_recipe(name)
+    except KeyError as e:
+        raise RecipeError(e.args[0]) from None
+    return apply_overrides(spec, overrides or {}, recipe=name)
+
+
+def apply_overrides(spec: RecipeSpec, overrides: Mapping[str, Any], recipe: str = "recipe") -> RecipeSpec:
+    """Apply ``{"<view>.<field>": value}`` changes (``"<view>.jitter.<field>"`` for colour jitter).
+
+    Values are checked against the field's type (``size`` an int, ``scale`` a pair of numbers, ...) and
+    by the spec's own validation (probabilities in [0, 1], ranges lo <= hi), one key at a time, so the
+    error names the key. A view without jitter that gets a ``jitter.<field>`` starts from
+    ``ColorJitterSpec()`` (the paper's strengths and p); ``<view>.jitter=null`` removes jitter. Changing
+    ``size`` re-derives a blur window that was derived from the old size, unless ``blur_kernel`` is set too.
+
+    Args:
+        spec: the preset.
+        overrides: keys without the ``recipe.`` prefix, values as parsed from YAML.
+        recipe: the preset's name, for messages.
+    """
+    names = [v.name for v in spec.views]
+    views = {v.name: v for v in spec.views}
+    # per view: size before blur_kernel (so an explicit blur_kernel wins), then the rest in key order
+    order = sorted(overrides, key=lambda k: (k.split(".")[0], k.split(".")[1:2] == ["blur_kernel"], k))
+    for key in order:
+        value = overrides[key]
+        where = f"recipe.{key}={value!r}"
+        view_name, *path = key.split(".")
+        if view_name not in views:
+            raise RecipeError(f"{where}: recipe {recipe!r} has no view {view_name!r} (views: {', '.join(names)})")
+        view = views[view_name]
+        try:
+            views[view_name] = _override_view(view, path, value, where)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(e.args[0] if isinstance(e, RecipeError) else f"{where}: {e}") from None
+    return replace(spec, weak=views[spec.weak.name], strong=tuple(views[v.name] for v in spec.strong))
+
+
+_VIEW_FIELDS = {f.name: f for f in fields(ViewSpec) if f.name != "name"}
+_JITTER_FIELDS = [f.name for f in fields(ColorJitterSpec)]
+
+
+def _override_view(view: ViewSpec, path: list[str], value: Any, where: str) -> ViewSpec:
+    field = path[0] if path else ""
+    if field not in _VIEW_FIELDS:
+        raise RecipeError(f"{where}: view {view.name!r} has no field {field!r} "
+                          f"(fields: {', '.join(_VIEW_FIELDS)}, jitter.<{'|'.join(_JITTER_FIELDS)}>)")
+    if field == "jitter":
+        if len(path) == 1:
+            if value is not None:
+                raise RecipeError(f"{where}: jitter takes null (no jitter) or is changed field by field, "
+                                  f"as jitter.<{'|'.join(_JITTER_FIELDS)}>")
+            return replace(view, jitter=None)
+        if len(path) != 2 or path[1] not in _JITTER_FIELDS:
+            raise RecipeError(f"{where}: jitter has no field {'.'.join(path[1:])!r} "
+                              f"(fields: {', '.join(_JITTER_FIELDS)})")
+        jitter = view.jitter or ColorJitterSpec()
+        return replace(view, jitter=replace(jitter, **{path[1]: _number(value, float, where)}))
+    if len(path) != 1:
+        raise RecipeError(f"{where}: {field!r} has no sub-fields")
+    hint = typing.get_type_hints(ViewSpec)[field]
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise RecipeError(f"{where}: {field} is a range [lo, hi] of two numbers")
+        new: Any = tuple(_number(x, float, where) for x in value)
+    else:
+        new = _number(value, hint, where)
+    changes: dict[str, Any] = {field: new}
+    if field == "size" and view.blur_kernel and view.blur_kernel == blur_kernel_size(view.size):
+        changes["blur_kernel"] = 0  # derived from the old size: derive it again
+    return replace(view, **changes)
+
+
+def _number(value: Any, typ: type, where: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{where}: expects a number, got {type(value).__name__}")
+    if typ is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise RecipeError(f"{where}: expects an integer")
+        return int(value)
+    return float(value)

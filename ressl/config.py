@@ -3,21 +3,31 @@
 The defaults below reproduce the paper's ImageNet run (ReSSL, RN50, 200 epochs, batch 256); presets in
 ``configs/`` change only what differs. An unknown key, a wrongly typed value or an impossible
 combination is an error raised here, before any data is read or any model is built.
+
+Values parse by the declared type, with YAML 1.2 numbers (``lr=1e-3`` is a float, where YAML 1.1 would
+read a string). ``recipe.<view>.<field>=value`` keys (e.g. ``recipe.strong.blur_p=0.5``) are collected
+into ``recipe_overrides``; this module knows no recipe, so the tools check the name and the overrides
+against ``pipelines.spec`` before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import re
+import sys
 import types
 import typing
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_overrides"]
+__all__ = ["RESUME_CHANGEABLE", "Config", "ConfigError", "load_config", "parse_overrides", "resume_changes",
+           "run_tool"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,8 @@ class Config:
     train_split: str = "train"  # STL-10 trains on "unlabeled"
     backend: str = "auto"  # auto | torchvision | dali | ffcv
     recipe: str = "imagenet224"  # augmentation preset in pipelines/spec.py
+    # changes on top of the preset, from recipe.<view>.<field> keys ({"strong.blur_p": 0.5}); not set directly
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 8  # loader PROCESSES per training process (torchvision DataLoader workers; 0 = in-process)
     num_threads: int = 0  # loader THREADS per training process (DALI CPU threads, FFCV threads); 0 = num_workers
     ffcv_order: str = "auto"  # FFCV visiting order: auto | random | quasi_random (one process only) | sequential
@@ -94,7 +106,8 @@ class Config:
         positive = ["shuffle_bn_splits", "batch_size", "epochs", "queue_size", "proj_hidden", "proj_dim",
                     "pred_hidden", "log_every", "ckpt_every", "knn_k"]
         errs += [f"{k} must be > 0, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
-        nonneg = ["num_workers", "num_threads", "warmup_epochs", "warmup_infonce_epochs", "infonce_blend_epochs", "max_steps",
+        nonneg = ["num_workers", "num_threads", "warmup_epochs", "warmup_infonce_epochs", "infonce_blend_epochs",
+                  "max_steps",
                   "knn_every", "w_rel", "w_sim", "weight_decay"]
         errs += [f"{k} must be >= 0, got {getattr(self, k)}" for k in nonneg if getattr(self, k) < 0]
         errs += [f"{k} must be > 0, got {getattr(self, k)}" for k in ("tau_s", "tau_t", "infonce_tau", "lr", "knn_t")
@@ -116,12 +129,6 @@ class Config:
         if self.queue_size % self.batch_size:
             errs.append(f"queue_size={self.queue_size} must be a multiple of the global batch_size={self.batch_size}")
         try:
-            from pipelines.spec import get_recipe
-
-            get_recipe(self.recipe)
-        except KeyError as e:
-            errs.append(str(e.args[0]))
-        try:
             from ressl.models import check_backbone_name
 
             check_backbone_name(self.backbone)
@@ -139,6 +146,110 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_overrides(self) -> list[str]:
+        """``key=value`` arguments that rebuild this config from the defaults (every key that differs):
+        with ``shlex.join`` a command line that works whatever file or overrides produced the config."""
+        default = Config()
+        out = [f"{k}={_format(getattr(self, k))}" for k in _field_types()
+               if k != "recipe_overrides" and getattr(self, k) != getattr(default, k)]
+        out += [f"recipe.{k}={_format(v)}" for k, v in self.recipe_overrides.items()]
+        return out
+
+
+# Keys that may differ between a checkpoint and the config that resumes it. Each is read afresh on
+# resume: the optimiser's lr / weight decay / momentum are set from the current config, the schedule
+# is a pure function of the step and the current total, the rest is cadence, speed or paths. Every
+# other key (batch, model, queue, method, recipe and its overrides, seed, and any key added later
+# unless listed here) fixes what the checkpoint holds or how the run continues, and must not change.
+RESUME_CHANGEABLE = frozenset({
+    "name", "out_dir", "resume", "data", "backend", "num_workers", "num_threads", "ffcv_os_cache",
+    "ffcv_batches_ahead", "channels_last", "precision", "compile",
+    "epochs", "max_steps", "lr", "weight_decay", "sgd_momentum", "warmup_epochs",
+    "log_every", "knn_every", "knn_k", "knn_t", "knn_before", "ckpt_every",
+})
+
+
+def resume_changes(saved: dict[str, Any], cfg: Config) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Compare a checkpoint's config with the current one.
+
+    Args:
+        saved: ``Config.to_dict()`` stored in the checkpoint (a key it lacks counts as its default).
+        cfg: the config of the run that resumes.
+
+    Returns:
+        ``(applied, refused)``: ``{key: (checkpoint value, current value)}`` for keys in
+        :data:`RESUME_CHANGEABLE` and for all others. A key the checkpoint has but this version does not
+        know is refused with current value ``"<unknown key>"``.
+    """
+    applied: dict[str, tuple[Any, Any]] = {}
+    refused: dict[str, tuple[Any, Any]] = {}
+    now = cfg.to_dict()
+    default = Config().to_dict()
+    for k in sorted(set(saved) | set(now)):
+        if k not in now:
+            refused[k] = (saved[k], "<unknown key>")
+            continue
+        old = saved.get(k, default[k])
+        if _normal(old) != _normal(now[k]):
+            (applied if k in RESUME_CHANGEABLE else refused)[k] = (old, now[k])
+    return applied, refused
+
+
+def _normal(v: Any) -> Any:
+    """Tuples and lists compare equal (YAML gives lists, specs hold tuples)."""
+    if isinstance(v, (list, tuple)):
+        return [_normal(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _normal(x) for k, x in v.items()}
+    return v
+
+
+def _format(v: Any) -> str:
+    """A value as the command line parses it back (YAML flow style, no spaces)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_format(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    return str(v)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: ``1e-3`` and ``1e9`` are numbers, not strings as in YAML 1.1."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """One command-line value as YAML 1.2 would read it (``"1e-3"`` -> 0.001, ``"[0.08,1.0]"`` -> a list)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"value {text!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def run_tool(main: Callable[[], Any]) -> Any:
+    """Run a tool's entry point; a :class:`ConfigError` prints its message alone and exits with status 2.
+
+    For ``if __name__ == "__main__":`` blocks: a bad key or value is the user's to fix, and a
+    traceback would bury the one line that says which.
+    """
+    try:
+        return main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
 
 def _field_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
@@ -146,9 +257,12 @@ def _field_types() -> dict[str, type]:
 
 
 def _coerce(key: str, value: Any, typ: type, source: str) -> Any:
-    """Convert ``value`` to the field's type; strings from the command line are parsed as YAML."""
+    """Convert ``value`` to the field's type; strings from the command line are parsed as YAML 1.2."""
     if isinstance(value, str) and typ is not str:
-        value = yaml.safe_load(value)
+        try:
+            value = parse_value(value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: key {key!r}: {e}") from None
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
@@ -162,7 +276,9 @@ def _coerce(key: str, value: Any, typ: type, source: str) -> Any:
             return int(value)
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            if math.isfinite(value):
+                return float(value)
+            raise ConfigError(f"{source}: key {key!r} expects a finite number, got {value!r}")
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -184,28 +300,52 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     """Read a YAML preset, apply overrides, validate. Logs every overridden key.
 
     Args:
-        path: YAML file with a flat mapping of Config keys (None = the defaults).
-        overrides: ``key=value`` strings (command line) or a dict.
+        path: YAML file with a flat mapping of Config keys and ``recipe.<view>.<field>`` keys
+            (None = the defaults).
+        overrides: ``key=value`` strings (command line) or a dict; command-line values win over the file.
     """
     types_ = _field_types()
     values: dict[str, Any] = {}
+    recipe: dict[str, Any] = {}
+
+    def put(k: Any, v: Any, source: str) -> None:
+        if not isinstance(k, str):
+            raise ConfigError(f"{source}: key {k!r} is not a string")
+        if k.startswith("recipe."):
+            sub = k[len("recipe."):]
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", sub):
+                raise ConfigError(f"{source}: {k!r} is not of the form recipe.<view>.<field> "
+                                  "(e.g. recipe.strong.blur_p, recipe.strong.jitter.brightness)")
+            try:
+                recipe[sub] = parse_value(v) if isinstance(v, str) and source == "override" else v
+            except ConfigError as e:
+                raise ConfigError(f"{source}: key {k!r}: {e}") from None
+            return
+        if k == "recipe_overrides":
+            raise ConfigError(f"{source}: set recipe changes as recipe.<view>.<field> keys, not {k!r}")
+        if k not in types_:
+            known = ", ".join(sorted(set(types_) - {"recipe_overrides"}))
+            raise ConfigError(f"{source}: unknown key {k!r} (known keys: {known}, recipe.<view>.<field>)")
+        values[k] = _coerce(k, v, types_[k], source)
+
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            try:
+                raw = yaml.load(f, Loader=_Loader) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
         for k, v in raw.items():
-            if k not in types_:
-                raise ConfigError(f"{path}: unknown key {k!r} (known keys: {', '.join(sorted(types_))})")
-            values[k] = _coerce(k, v, types_[k], str(path))
+            put(k, v, str(path))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     for k, v in (overrides or {}).items():
-        if k not in types_:
-            raise ConfigError(f"override: unknown key {k!r} (known keys: {', '.join(sorted(types_))})")
-        values[k] = _coerce(k, v, types_[k], "override")
-        log.info("override %s = %r", k, values[k])
+        put(k, v, "override")
+        log.info("override %s = %r", k, recipe[k[len("recipe."):]] if k.startswith("recipe.") else values[k])
+    if recipe:
+        values["recipe_overrides"] = recipe
     return Config(**values).validate()

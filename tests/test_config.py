@@ -1,10 +1,12 @@
 """Config: presets load, overrides apply, impossible values fail before any work."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from ressl.config import Config, ConfigError, load_config
+from ressl.config import RESUME_CHANGEABLE, Config, ConfigError, load_config, resume_changes
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 
@@ -32,7 +34,10 @@ def test_overrides_are_typed():
     (["epochs=two"], "expects int"),
     (["momentum=1.5"], "momentum must be in [0, 1]"),
     (["no_such_key=1"], "unknown key 'no_such_key'"),
-    (["recipe=nope"], "unknown recipe 'nope'"),
+    (["lr=.nan"], "finite number"),
+    (["lr=["], "key 'lr': value '[' is not valid YAML"),
+    (["recipe.blur_p=0.5"], "recipe.<view>.<field>"),
+    (["recipe_overrides={}"], "recipe.<view>.<field> keys"),
     (["backbone=resnet9000"], "resnet9000"),
     (["w_rel=0", "w_sim=0"], "no loss"),
     (["precision=fp8"], "precision"),
@@ -54,3 +59,55 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/missing.yaml")
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("lr=1e-3", "lr", 1e-3), ("weight_decay=1e-4", "weight_decay", 1e-4), ("lr=1e9", "lr", 1e9),
+    ("lr=5E-2", "lr", 0.05), ("epochs=1e2", "epochs", 100), ("lr=3", "lr", 3.0)
+])
+def test_values_parse_by_declared_type(text, key, value, tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; numbers must parse as the key's type on the command line and in files."""
+    assert getattr(load_config(None, [text]), key) == value
+    k, v = text.split("=")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"{k}: {v}\n")
+    got = getattr(load_config(p), key)
+    assert got == value and type(got) is type(value)
+    assert load_config(None, ["name=1e-3"]).name == "1e-3"  # a str key keeps the text as typed
+
+
+def test_recipe_keys_collect_into_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("recipe: cifar32\nrecipe.strong.blur_p: 0.5\nrecipe.weak.scale: [0.08, 1.0]\n")
+    cfg = load_config(p, ["recipe.strong.jitter.brightness=1e-1", "recipe.strong.blur_p=0.25"])
+    assert cfg.recipe_overrides == {"strong.blur_p": 0.25, "weak.scale": [0.08, 1.0], "strong.jitter.brightness": 0.1}
+
+
+def test_to_overrides_rebuilds_the_config():
+    cfg = load_config(None, ["lr=1e-3", "data=my data", "channels_last=false", "recipe=cifar32",
+                             "recipe.weak.scale=[0.08,1.0]", "name=1e-3"])
+    assert load_config(None, cfg.to_overrides()) == cfg
+    assert load_config(None, Config().to_overrides()) == Config()
+
+
+def test_resume_changes_split_applied_from_refused():
+    old = load_config(None, ["lr=0.1", "batch_size=64", "queue_size=128", "recipe=cifar32"]).to_dict()
+    new = load_config(None, ["lr=0.01", "batch_size=32", "queue_size=128", "recipe=cifar32", "epochs=300",
+                             "recipe.strong.blur_p=0.5", "log_every=1"])
+    applied, refused = resume_changes(old, new)
+    assert applied == {"lr": (0.1, 0.01), "epochs": (200, 300), "log_every": (10, 1)}
+    assert refused == {"batch_size": (64, 32), "recipe_overrides": ({}, {"strong.blur_p": 0.5})}
+    # a key the checkpoint lacks counts as its default; a key this version lacks is refused
+    del old["shuffle_bn_splits"]
+    old["gone_key"] = 1
+    applied, refused = resume_changes(old, load_config(None, ["lr=0.1", "batch_size=64", "queue_size=128",
+                                                              "recipe=cifar32"]))
+    assert applied == {} and refused == {"gone_key": (1, "<unknown key>")}
+    assert RESUME_CHANGEABLE <= set(Config().to_dict())
+
+
+def test_config_does_not_import_pipelines():
+    """ressl/ knows no data pipeline: the tools check the recipe name and overrides against pipelines.spec."""
+    code = "import sys, ressl.config; print('pipelines' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

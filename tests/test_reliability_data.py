@@ -260,3 +260,20 @@ def test_every_loader_option_is_a_declared_config_key():
     assert LoaderConfig.of(load_config(None, ["num_threads=5"])).threads == 5
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         lc.per_process_batch(3)
+
+
+def test_knn_monitor_says_once_why_it_is_off(tmp_path, caplog):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import train
+
+    from ressl.config import load_config
+
+    _tree(tmp_path / "train", ["a", "b"])  # no val split in any layout
+    cfg = load_config(None, [f"data={tmp_path}", "recipe=cifar32", "batch_size=4", "queue_size=8"])
+    train._KNN_OFF.clear()
+    with caplog.at_level(logging.WARNING):
+        got = [train.knn_monitor(cfg, torch.nn.Identity(), CPU) for _ in range(3)]
+    assert got == [None, None, None]
+    assert caplog.text.count("kNN monitor off") == 1 and "no split 'val'" in caplog.text

@@ -7,6 +7,7 @@ own metric columns, plot keys and checkpoint contents.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,8 +67,11 @@ def plot_curves(csv_path: Path, png_path: Path, keys: Sequence[str] | None = Non
             value in any row are left out. Sparse columns (values in under half the rows, e.g. a kNN
             monitor run once per epoch) are drawn with markers so single points stay visible.
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # optional (a bare GPU machine may lack it): metrics.csv holds the same numbers
+        logging.getLogger(__name__).warning("matplotlib is not installed: %s not drawn", png_path)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -125,7 +129,11 @@ class RunLog:
         self.rows = 0  # data rows in the CSV (stored in checkpoints as the resume point)
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional (a bare GPU machine may lack it): metrics.csv is the record
+            logging.getLogger(__name__).warning("tensorboard is not installed: logging to %s only", self.csv_path)
+            SummaryWriter = None
 
         kept: list[dict[str, str]] = []
         if resume_step is not None and self.csv_path.exists():
@@ -135,7 +143,8 @@ class RunLog:
                 kept = old[:keep_rows]
             else:
                 kept = [r for r in old if r.get("step") and int(r["step"]) <= resume_step]
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+        self.tb = None if SummaryWriter is None else SummaryWriter(
+            str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
         with atomic_open(self.csv_path) as f:  # the kept prefix, rewritten whole: a kill here loses nothing
             text = _csv_text(self.fields, kept)
             f.write(text.encode())
@@ -151,13 +160,14 @@ class RunLog:
         self.f.flush()
         self.rows += 1
         for k, v in values.items():
-            if k != "epoch" and v is not None:
+            if k != "epoch" and v is not None and self.tb is not None:
                 self.tb.add_scalar(f"eval/{k}" if k in self.eval_keys else f"train/{k}", v, step)
 
     def close(self) -> None:
         if self.enabled:
             self.f.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
 
 
 def _csv_text(fields: Sequence[str], rows: list[dict[str, str]]) -> str:

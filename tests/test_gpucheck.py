@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -152,3 +153,22 @@ def test_runs_from_any_directory_without_pythonpath(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rep = json.loads((tmp_path / "o" / "gpucheck.json").read_text())
     assert rep["steps"][0]["status"] == "ok", rep["steps"][0]
+
+
+def test_training_runs_where_tensorboard_and_matplotlib_are_missing(tmp_path, image_folder):
+    """The GPU machine's image has neither: tools/train.py must still train, checkpoint and log the CSV."""
+    shadow = tmp_path / "shadow"
+    for name in ("tensorboard", "matplotlib"):
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is absent on purpose')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), f"data={image_folder}", f"out_dir={tmp_path}",
+           "name=bare", "recipe=cifar32", "backbone=resnet18", "proj_hidden=32", "proj_dim=16", "queue_size=16",
+           "batch_size=8", "num_workers=0", "channels_last=false", "knn_every=0", "max_steps=3", "log_every=1"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tensorboard is not installed" in out.stderr and "matplotlib is not installed" in out.stderr
+    run = tmp_path / "bare"
+    assert (run / "last.pt").is_file() and not (run / "tb").exists() and not (run / "curves.png").exists()
+    rows = list(csv.DictReader(open(run / "metrics.csv", newline="")))
+    assert [int(r["step"]) for r in rows if r["loss"]] == [1, 2, 3] and rows[-1]["knn_top1"]

@@ -65,7 +65,10 @@ each with the reason "backend 'dali' is not installed"):
      machine is warm
   3. on the device:  bash ../shared/device/install-wheelhouse.sh   (or shared/device/install-wheelhouse.sh)
      then, in the same warm session:  make gpu-check
-FFCV builds from source against libturbojpeg and OpenCV and is not carried: its rows are skipped there.
+pytest is carried the same way when the image lacks it (make-wheelhouse.sh nvidia-dali-cuda130 pytest);
+without it the CUDA-tests step is skipped with that reason. FFCV builds from source against libturbojpeg
+and OpenCV and is not carried: its rows are skipped there. A test module that cannot be imported there
+(a package missing) is listed as "not collected", not as a failure.
 """
 
 
@@ -85,13 +88,13 @@ class Plan:
     train_steps: int
     resume_steps: int
     backends: str = "all"
-    cuda_tests: tuple[str, ...] = ("tests",)
+    cuda_tests: tuple[str, ...] | None = None  # test files to collect; None = every file with a cuda mark
     skip_compile: str | None = None  # why the torch.compile row is skipped in this plan, if it is
     env: dict[str, str] = field(default_factory=dict)  # environment of every command
 
 
 _GPU_TRAIN = {"backend": "torchvision", "recipe": "stl96", "backbone": "resnet18", "proj_hidden": 2048,
-              "proj_dim": 128, "queue_size": 4096, "batch_size": 256, "lr": 0.3, "w_sim": 1.0, "momentum": 0.99,
+              "proj_dim": 128, "queue_size": 4096, "batch_size": 128, "lr": 0.3, "w_sim": 1.0, "momentum": 0.99,
               "warmup_epochs": 1, "precision": "bf16", "channels_last": True, "log_every": 10, "ckpt_every": 100}
 _CPU_TRAIN = {"backend": "torchvision", "recipe": "cifar32", "backbone": "resnet18", "proj_hidden": 64,
               "proj_dim": 32, "queue_size": 64, "batch_size": 8, "lr": 1.0, "w_sim": 1.0, "momentum": 0.99,
@@ -116,7 +119,7 @@ PLANS: dict[str, Plan] = {
     ),
     "cpu": Plan(
         name="cpu", device="cpu", num_images=64,
-        shares={"env": 10, "tests": 35, "model": 30, "loader": 35, "e2e": 35, "train": 35},
+        shares={"env": 5, "tests": 35, "model": 35, "loader": 55, "e2e": 60, "train": 50},
         model_rows=(
             ("rn50-16", ("--model", "resnet50", "--size", "16", "--batch", "4", "--precision", "no")),
             ("rn50-16-compile", ("--model", "resnet50", "--size", "16", "--batch", "4", "--precision", "no",
@@ -124,8 +127,8 @@ PLANS: dict[str, Plan] = {
             ("rn18cifar-16", ("--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--precision", "no")),
         ),
         loader_args=("--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--precision", "no"),
-        timing=("--warmup", "1", "--steps", "2", "--repeats", "2"),
-        train=_CPU_TRAIN, train_steps=16, resume_steps=4,
+        timing=("--warmup", "1", "--steps", "1", "--repeats", "2"),
+        train=_CPU_TRAIN, train_steps=8, resume_steps=2,
         skip_compile="torch.compile rows run in the GPU plan only (inductor compiles for minutes on 2 CPU cores)",
         # one intra-op thread: on a shared 2-core machine, waiting OpenMP threads made tiny steps ~10x slower
         env={"OMP_NUM_THREADS": "1"},
@@ -136,8 +139,8 @@ PLANS: dict[str, Plan] = {
 def _quick(plan: Plan) -> Plan:
     """The CPU plan cut to what tests the script in about a minute: one model row, torchvision only."""
     return Plan(**{**plan.__dict__, "name": "cpu-quick", "model_rows": plan.model_rows[-1:],
-                   "backends": "torchvision", "cuda_tests": ("tests/test_gpu_augment.py",), "train_steps": 8,
-                   "resume_steps": 2, "shares": {k: v * 0.6 for k, v in plan.shares.items()}})
+                   "backends": "torchvision", "cuda_tests": ("tests/test_gpu_augment.py",),
+                   "shares": {k: v * 0.6 for k, v in plan.shares.items()}})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,6 +258,8 @@ def _junit_rows(path: Path) -> list[dict[str, str]]:
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                if child.get("message") == "collection failure":  # a module this machine cannot import
+                    outcome = "not collected"
                 message = (child.get("message") or "").strip().splitlines()[0:1]
                 message = message[0][:200] if message else ""
                 break
@@ -263,19 +268,26 @@ def _junit_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _cuda_test_files() -> list[str]:
+    """The test files holding a ``cuda`` mark: collecting only these saves importing the whole suite."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                  if "@pytest.mark.cuda" in p.read_text(errors="replace"))
+
+
 def step_tests(ctx: Context, timeout: float) -> dict[str, Any]:
     """``pytest -m cuda`` over the suite; a module that cannot be collected here is an error row, not a stop."""
     if not _find("pytest"):
         return {"status": "skipped", "reason": "pytest not importable on this machine"}
     xml = ctx.out / "cuda-tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", f"--junitxml={xml}", *ctx.plan.cuda_tests]
+           "--continue-on-collection-errors", f"--junitxml={xml}", *(ctx.plan.cuda_tests or _cuda_test_files())]
     o = run_command(cmd, timeout=timeout, log=ctx.out / "logs" / "tests.log", env=ctx.plan.env)
     if not xml.is_file():
         return {"status": o.status if o.status != "ok" else "failed", "seconds": o.seconds,
                 "reason": f"pytest wrote no report (exit {o.returncode})", "log_tail": o.tail}
     tests = _junit_rows(xml)
-    counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "skipped", "failed", "error")}
+    counts = {k: sum(t["outcome"] == k for t in tests)
+              for k in ("passed", "skipped", "failed", "error", "not collected")}
     ctx.report["tests"] = tests
     # pytest exits 1 on a failing test, 5 when nothing was collected (all deselected): both are findings
     status = "timeout" if o.status == "timeout" else ("failed" if counts["failed"] or counts["error"] else "ok")
@@ -317,13 +329,14 @@ def step_model(ctx: Context, timeout: float) -> dict[str, Any]:
     """Model-only rows, one bench process each, the step's time shared among them in plan order."""
     end = time.perf_counter() + timeout
     parts, notes = [], []
-    todo = list(ctx.plan.model_rows)
-    for i, (label, extra) in enumerate(todo):
+    for label, extra in ctx.plan.model_rows:
         if "--compile" in extra and ctx.plan.skip_compile:
             parts.append({"label": label, "status": "skipped", "reason": ctx.plan.skip_compile})
             ctx.rows.append({"step": "model", "label": label, "backend": "synthetic", "mode": "model",
                              "model": extra[1], "images_per_s": None, "skipped": ctx.plan.skip_compile})
-            continue
+    todo = [(label, extra) for label, extra in ctx.plan.model_rows
+            if not ("--compile" in extra and ctx.plan.skip_compile)]
+    for i, (label, extra) in enumerate(todo):
         left = end - time.perf_counter()
         if left < 5:
             parts.append({"label": label, "status": "skipped", "reason": "step time used up"})
@@ -342,21 +355,47 @@ def step_model(ctx: Context, timeout: float) -> dict[str, Any]:
     return {"status": "failed" if bad else "ok", "parts": parts, "summary": "; ".join(notes) or "no rows"}
 
 
+_IMPORT = {"torchvision": "torchvision", "dali": "nvidia.dali", "ffcv": "ffcv"}
+
+
 def _loader_step(ctx: Context, timeout: float, step: str, modes: str) -> dict[str, Any]:
-    o, rows = _bench(ctx, step, step, ("--modes", modes, "--backend", ctx.plan.backends, *ctx.plan.loader_args),
-                     timeout)
-    mine = [r for r in rows if r["mode"] != "model"]
-    notes = []
-    for r in mine:
-        if r.get("images_per_s") is not None:
-            eff = r.get("loader_efficiency")
-            notes.append(f"{r['backend']} {r['pairs_per_s']:,.0f} pairs/s" + (f" ({100 * eff:.0f}%)" if eff else ""))
-        else:
-            notes.append(f"{r['backend']}: {r.get('skipped') or r.get('error')}")
-    out: dict[str, Any] = {"status": _rows_status(o, mine), "seconds": round(o.seconds, 1),
-                           "summary": "; ".join(notes) or "no rows"}
-    if out["status"] != "ok":
-        out["log_tail"] = o.tail
+    """One bench process per importable backend (a slow one costs only its own rows), the step's time
+    shared evenly; a backend that is not importable gets a skipped row without starting anything."""
+    end = time.perf_counter() + timeout
+    names = list(_IMPORT) if ctx.plan.backends == "all" else ctx.plan.backends.split(",")
+    todo = [b for b in names if _find(_IMPORT[b])]
+    mode = "loader" if modes == "loader" else "end_to_end"
+    notes, statuses, tails = [], [], []
+    for b in names:
+        if b not in todo:
+            why = f"{b} not importable here" + (" (see gpucheck --help)" if b == "dali" else "")
+            ctx.rows.append({"step": step, "label": f"{step}-{b}", "backend": b, "mode": mode,
+                             "images_per_s": None, "error": f"backend {b!r} is not installed", "skipped": why})
+            notes.append(f"{b}: {why}")
+    for i, b in enumerate(todo):
+        left = end - time.perf_counter()
+        if left < 5:
+            statuses.append("timeout")
+            notes.append(f"{b}: step time used up")
+            continue
+        o, rows = _bench(ctx, f"{step}-{b}", step, ("--modes", modes, "--backend", b, *ctx.plan.loader_args),
+                         left / (len(todo) - i))
+        mine = [r for r in rows if r["mode"] != "model"]
+        statuses.append(_rows_status(o, mine))
+        if statuses[-1] != "ok":
+            tails.append(o.tail)
+        for r in mine:
+            if r.get("images_per_s") is not None:
+                eff = r.get("loader_efficiency")
+                notes.append(f"{b} {r['pairs_per_s']:,.0f} pairs/s" + (f" ({100 * eff:.0f}%)" if eff else ""))
+            else:
+                notes.append(f"{b}: {r.get('error')}")
+        if not mine:
+            notes.append(f"{b}: {o.status}")
+    status = "timeout" if "timeout" in statuses else ("failed" if "failed" in statuses else "ok")
+    out: dict[str, Any] = {"status": status if todo else "skipped", "summary": "; ".join(notes) or "no rows"}
+    if tails:
+        out["log_tail"] = "\n---\n".join(tails)
     return out
 
 
@@ -399,13 +438,17 @@ def _trend(csv_path: Path) -> dict[str, tuple[float, float]]:
 def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
     """tools/train.py on the bench set: ``train_steps`` steps, checks, then a resume for ``resume_steps`` more."""
     end = time.perf_counter() + timeout
-    prep = run_command([sys.executable, "-c", "import sys; sys.path.insert(0, 'tools'); import _benchdata; "
-                        f"print(_benchdata.ensure_images({ctx.plan.num_images}, 0, {ctx.bench_dir()!r}))"],
-                       timeout=max(1.0, end - time.perf_counter()), log=ctx.out / "logs" / "train-data.log",
-                       env=ctx.plan.env)
-    if prep.status != "ok":
-        return {"status": prep.status, "reason": "cannot generate the bench set", "log_tail": prep.tail}
-    data = prep.tail.strip().splitlines()[-1]
+    sys.path[:0] = [p for p in (str(ROOT), str(TOOLS)) if p not in sys.path]
+    from _benchdata import bench_root
+
+    data = str(bench_root(ctx.plan.num_images, 0, ctx.bench_dir()))
+    if not (Path(data) / "manifest.json").is_file():  # steps 3-5 did not run: generate it here
+        prep = run_command([sys.executable, "-c", "import sys; sys.path.insert(0, 'tools'); import _benchdata; "
+                            f"_benchdata.ensure_images({ctx.plan.num_images}, 0, {ctx.bench_dir()!r})"],
+                           timeout=max(1.0, end - time.perf_counter()), log=ctx.out / "logs" / "train-data.log",
+                           env=ctx.plan.env)
+        if prep.status != "ok":
+            return {"status": prep.status, "reason": "cannot generate the bench set", "log_tail": prep.tail}
     run_dir = ctx.out / "train" / "run"
     if run_dir.exists():  # a fresh run every time: resume=auto must not pick up an older check's checkpoint
         for p in sorted(run_dir.rglob("*"), reverse=True):
@@ -573,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/gpucheck", help="output directory (default runs/gpucheck)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock budget of the whole check in seconds (default 480; 180 with --cpu)")
+                   help="wall-clock budget of the whole check in seconds (default 480; 240 with --cpu: "
+                        "about a dozen processes each import torch, 13 s apiece on a loaded 2-core machine)")
     p.add_argument("--cpu", action="store_true", help="the same plan on CPU with tiny sizes (CI tests the script)")
     p.add_argument("--quick", action="store_true", help="with --cpu: one model row, torchvision only, 8+2 "
                                                         "training steps, one CUDA test file (about a minute)")
@@ -595,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick and not args.cpu:
         parser.error("--quick shortens the CPU plan; use it with --cpu")
     if args.budget_s is None:
-        args.budget_s = 180.0 if args.cpu else 480.0
+        args.budget_s = 240.0 if args.cpu else 480.0
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be > 0, got {args.budget_s}")
     if args.workers is None:

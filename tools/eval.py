@@ -69,6 +69,8 @@ def load_model(ckpt: str | os.PathLike, branch: str = "student") -> tuple[nn.Mod
     """Backbone of a trainer checkpoint (student by default, as the paper evaluates), its width, config."""
     state, cfg = load_checkpoint(ckpt)
     model = ReSSL.from_config(cfg)
+    # checkpoints written before the cross-process shuffle counter existed: it plays no part in evaluation
+    state.setdefault("_extra_state", {"shuffle_calls": 0})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RESUME_CHANGEABLE", "Config", "ConfigError", "load_config", "parse_overrides", "resume_changes",
-           "run_tool"]
+__all__ = ["RESUME_CHANGEABLE", "Config", "ConfigError", "load_config", "parse_overrides", "read_preset",
+           "resume_changes", "run_tool"]
 
 log = logging.getLogger(__name__)
 
@@ -169,29 +169,32 @@ RESUME_CHANGEABLE = frozenset({
 })
 
 
-def resume_changes(saved: dict[str, Any], cfg: Config) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+def resume_changes(saved: dict[str, Any], cfg: Config, changeable: frozenset[str] = RESUME_CHANGEABLE
+                   ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
     """Compare a checkpoint's config with the current one.
 
     Args:
         saved: ``Config.to_dict()`` stored in the checkpoint (a key it lacks counts as its default).
-        cfg: the config of the run that resumes.
+        cfg: the config of the run that resumes (another tool's config dataclass works too: its defaults
+            are ``type(cfg)()``).
+        changeable: the keys that may differ (that tool's own set).
 
     Returns:
         ``(applied, refused)``: ``{key: (checkpoint value, current value)}`` for keys in
-        :data:`RESUME_CHANGEABLE` and for all others. A key the checkpoint has but this version does not
+        ``changeable`` and for all others. A key the checkpoint has but this version does not
         know is refused with current value ``"<unknown key>"``.
     """
     applied: dict[str, tuple[Any, Any]] = {}
     refused: dict[str, tuple[Any, Any]] = {}
     now = cfg.to_dict()
-    default = Config().to_dict()
+    default = type(cfg)().to_dict()
     for k in sorted(set(saved) | set(now)):
         if k not in now:
             refused[k] = (saved[k], "<unknown key>")
             continue
         old = saved.get(k, default[k])
         if _normal(old) != _normal(now[k]):
-            (applied if k in RESUME_CHANGEABLE else refused)[k] = (old, now[k])
+            (applied if k in changeable else refused)[k] = (old, now[k])
     return applied, refused
 
 
@@ -296,6 +299,21 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
+def read_preset(path: str | Path) -> dict[Any, Any]:
+    """A YAML preset file as its flat mapping (YAML 1.2 numbers); keys are not checked here."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        try:
+            raw = yaml.load(f, Loader=_Loader) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Read a YAML preset, apply overrides, validate. Logs every overridden key.
 
@@ -329,17 +347,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         values[k] = _coerce(k, v, types_[k], source)
 
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        with open(path) as f:
-            try:
-                raw = yaml.load(f, Loader=_Loader) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
-        for k, v in raw.items():
+        for k, v in read_preset(path).items():
             put(k, v, str(path))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ressl.config import ConfigError, run_tool  # noqa: E402
 from ressl.graph.augment import augment  # noqa: E402
-from ressl.graph.config import GraphConfig, load_graph_config, resume_refusals  # noqa: E402
+from ressl.graph.config import GraphConfig, graph_resume_changes, load_graph_config  # noqa: E402
 from ressl.graph.data import GraphDataError, load_graph  # noqa: E402
 from ressl.graph.eval import linear_probe_splits, random_splits  # noqa: E402
 from ressl.graph.model import RGRL  # noqa: E402
@@ -109,11 +109,13 @@ def main(cfg: GraphConfig) -> dict[str, Any]:
     step, history, log_rows = 0, {"evals": []}, None
     if resume_from is not None:
         state = torch.load(resume_from, map_location="cpu", weights_only=True)
-        refused = resume_refusals(state["config"], cfg)
+        applied, refused = graph_resume_changes(state["config"], cfg)
         if refused:
             raise ConfigError(f"{resume_from} was trained with other settings; changed: "
                               + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
                               + " (use another name= or resume=no)")
+        for k, (old, new) in applied.items():
+            log.info("resume: %s %r -> %r", k, old, new)
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, log_rows = state["step"], state["history"], state["log_rows"]

@@ -1,7 +1,7 @@
 """Typed, strict configuration of an RGRL run: YAML preset -> flat dataclass, plus ``key=value`` overrides.
 
 The defaults reproduce the authors' Cora run (their ``sh/run_RGRL.sh``); ``configs/rgrl-*.yaml`` change
-only what differs. Values are parsed exactly as ``ressl.config`` parses the image trainer's (same YAML 1.2
+only what differs. Values are parsed exactly as ``ressl.config`` parses the image trainer's (same preset
 reader, same type coercion and messages); an unknown key or an impossible value is an error raised here,
 before any graph is read.
 """
@@ -15,11 +15,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ressl.config import ConfigError, _coerce, parse_overrides, read_preset, resume_changes
 
-from ressl.config import ConfigError, _coerce, _Loader, parse_overrides
-
-__all__ = ["GraphConfig", "RESUME_CHANGEABLE", "load_graph_config", "resume_refusals"]
+__all__ = ["GraphConfig", "RESUME_CHANGEABLE", "graph_resume_changes", "load_graph_config"]
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +117,11 @@ RESUME_CHANGEABLE = frozenset({
 })
 
 
-def resume_refusals(saved: dict[str, Any], cfg: GraphConfig) -> dict[str, tuple[Any, Any]]:
-    """``{key: (checkpoint value, current value)}`` for every changed key outside :data:`RESUME_CHANGEABLE`."""
-    now = cfg.to_dict()
-    return {k: (saved.get(k), now.get(k, "<unknown key>")) for k in sorted(set(saved) | set(now))
-            if k not in RESUME_CHANGEABLE and saved.get(k) != now.get(k, "<unknown key>")}
+def graph_resume_changes(saved: dict[str, Any], cfg: GraphConfig
+                         ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """``(applied, refused)`` changes between a checkpoint's config and ``cfg`` (``ressl.config.resume_changes``
+    with this module's :data:`RESUME_CHANGEABLE`)."""
+    return resume_changes(saved, cfg, RESUME_CHANGEABLE)
 
 
 def load_graph_config(path: str | Path | None = None,
@@ -144,17 +142,7 @@ def load_graph_config(path: str | Path | None = None,
         values[k] = _coerce(k, v, types_[k], source)
 
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        with open(path) as f:
-            try:
-                raw = yaml.load(f, Loader=_Loader) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
-        for k, v in raw.items():
+        for k, v in read_preset(path).items():
             put(k, v, str(path))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)

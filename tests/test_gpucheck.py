@@ -172,3 +172,15 @@ def test_training_runs_where_tensorboard_and_matplotlib_are_missing(tmp_path, im
     assert (run / "last.pt").is_file() and not (run / "tb").exists() and not (run / "curves.png").exists()
     rows = list(csv.DictReader(open(run / "metrics.csv", newline="")))
     assert [int(r["step"]) for r in rows if r["loss"]] == [1, 2, 3] and rows[-1]["knn_top1"]
+
+
+@pytest.mark.parametrize("losses, want", [
+    ([5.0, 7.0, 9.0, 8.5, 8.0, 7.5, 7.0], True),  # rises while the queue refills (steps <= 30), then falls
+    ([5.0, 7.0, 9.0, 8.0, 8.5, 9.0, 9.5], False),  # still rising after the refill
+    ([5.0, 7.0, 9.0, 8.0], False),  # one point after the refill: no trend to read
+])
+def test_loss_falling_is_read_after_the_queue_refill(tmp_path, losses, want):
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss,knn_top1\n" + "".join(f"{10 * (i + 1)},{x},\n" for i, x in enumerate(losses))
+                    + "70,,12.5\n")
+    assert gpucheck._falling(path, after_step=30) is want

@@ -1,5 +1,7 @@
 """Images per second of ReSSL training: loader-only, model-only and end to end, per data backend.
 
+The command line over ``tools/_measure.py``, which holds the timing, the rows and the report.
+
     make bench                                   # CPU defaults: RN18-CIFAR @32 px, batch 32, about a minute
     python tools/bench.py --backend torchvision,dali --json runs/bench/cpu.json
     python tools/bench.py --model resnet50 --size 224 --batch 256 --precision bf16 --channels-last \
@@ -11,8 +13,9 @@ What each mode times, after ``--warmup`` untimed steps, in ``--repeats`` windows
 each, with the device synchronised at both ends of every window (mean +- standard deviation over windows):
 
   loader      ``next(batch)`` from one backend: decode + the full recipe, batches delivered on the device.
-  model       the ReSSL step on synthetic device tensors (student fwd+bwd on the strong views, teacher
-              fwd on the weak view, loss, SGD step, EMA + queue push): the ceiling a loader must feed.
+  model       the training step of tools/train.py (``ressl.step.TrainStep``: autocast forward of student
+              and teacher, backward, SGD step, zero_grad, EMA + queue push) on synthetic device tensors,
+              at a constant EMA momentum and lr: the ceiling a loader must feed.
   end_to_end  the same step fed by the loader; ``loader_efficiency`` = its images/s / model-only images/s.
 
 Units. ``images_per_s`` counts dataset samples (one sample = one weak + n strong views, the unit of the

@@ -7,20 +7,32 @@ own metric columns, plot keys and checkpoint contents.
 from __future__ import annotations
 
 import csv
+import fcntl
+import json
 import logging
 import math
+import os
+import socket
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import ConfigError
 from .io import atomic_open
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TRAIN_FIELDS",
     "NonFiniteLossError",
+    "RunLock",
+    "RunLockedError",
     "RunLog",
+    "load_optimizer_state",
     "lr_lambda",
     "plot_curves",
     "save_checkpoint",
@@ -49,6 +61,29 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     return f
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                         saved: dict[str, Any], step: int) -> None:
+    """Resume the optimiser: its per-parameter state (SGD momentum buffers) from the checkpoint, its
+    hyperparameters (lr, weight decay, momentum) from the current config, and the lr at ``step`` of the
+    current schedule.
+
+    ``optimizer`` and ``scheduler`` must be freshly built from the current config (so their groups hold
+    its values); a plain ``load_state_dict`` would bring back the checkpoint's lr and schedule length.
+    With an unchanged config the result is the state the run had at ``step``.
+    """
+    current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, values in zip(optimizer.param_groups, current):
+        group.update(values)
+    base = [g["initial_lr"] for g in optimizer.param_groups]
+    lrs = [b * f(step) for b, f in zip(base, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    state = scheduler.state_dict()
+    state.update(base_lrs=base, last_epoch=step, _last_lr=lrs)
+    scheduler.load_state_dict(state)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -178,3 +213,110 @@ def _csv_text(fields: Sequence[str], rows: list[dict[str, str]]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+class RunLockedError(ConfigError):
+    """Another live run holds the run directory (same ``name`` and ``out_dir``)."""
+
+
+class RunLock:
+    """Exclusive hold on a run directory for one training process: ``RUN_DIR/.lock``.
+
+    The lock is an ``flock`` on that file (the kernel drops it when the holder dies, even by kill -9)
+    plus the holder's pid, host and start time written inside, so a refusal can name the holder. A
+    lock file left by a dead process on this host is taken over with a warning. A holder on another
+    host cannot be checked from here: that is refused too, naming the host and the file to delete.
+
+    Use as a context manager; only the main process of a run takes it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunLockedError(f"{self.path.parent} is in use by {_describe(holder)} (lock {self.path}); "
+                                     "wait for that run, stop it, or give this one another name=") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder released (unlinked) it between our open and flock: take the new file
+        prev = _read_holder(fd)
+        if prev and prev.get("host") != socket.gethostname():
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is locked by {_describe(prev)}, on another host, which "
+                                 f"this one cannot check; if that run is gone, delete {self.path}")
+        if prev and _alive(prev):  # a file system where flock does not hold: trust the pid check
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is in use by {_describe(prev)} (lock {self.path}); "
+                                 "wait for that run, stop it, or give this one another name=")
+        if prev:
+            log.warning("taking over the lock %s of %s: that process is gone", self.path, _describe(prev))
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: a waiter then retries on a fresh file
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    raw = os.pread(fd, 65536, 0)
+    if not raw.strip():
+        return None
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        return {"pid": None, "host": "?", "raw": raw[:200].decode(errors="replace")}
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "another process"
+    cmd = " ".join(holder.get("argv") or [])
+    return (f"pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('since', '?')}"
+            + (f": {cmd}" if cmd else "") + ")")
+
+
+def _start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """The recorded process still runs (same pid and start time, so a reused pid does not count)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() and holder.get("started") == _start_time(pid):
+        return False
+    started = _start_time(pid)
+    return started is not None and (holder.get("started") is None or abs(started - holder["started"]) < 1e-3)

@@ -13,15 +13,29 @@ Launch (configs/*.yaml are flat Config presets; any key can be overridden as key
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 tools/train.py --config configs/demo.yaml
 
 Outputs under runs/NAME/: metrics.csv, tb/ (TensorBoard), curves.png, last.pt (resumable checkpoint,
-written atomically), summary.json. ``resume=auto`` (the default) continues a killed run from last.pt.
+written atomically), summary.json. A run holds runs/NAME/.lock while it trains: a second run with the
+same name is refused, naming the holder.
+
+``resume=auto`` (the default) continues from runs/NAME/last.pt; ``resume=PATH`` from another checkpoint;
+``resume=no`` starts over. On resume the checkpoint's config is compared with the current one: lr,
+weight decay, schedule length (``epochs`` / ``max_steps`` / ``warmup_epochs``), logging, checkpoint and
+kNN cadence, paths and speed options may change and take effect; batch, model, queue, method, seed and
+recipe (overrides included) may not, and the run is refused with the list of differences. The lr is a
+pure function of the step and the current schedule: with a longer schedule, training continues at the
+lr the new schedule has at the resumed step (the cosine is re-spread over the new total, as if the run
+had been planned that long). A finished run re-run with the same command says so and exits without
+touching its outputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
+import json
 import logging
 import math
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,46 +50,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipelines import build_loader  # noqa: E402
 from pipelines.eval import build_eval_loader, eval_problem  # noqa: E402
-from pipelines.spec import get_recipe  # noqa: E402
-from ressl.config import Config, load_config  # noqa: E402
+from pipelines.spec import RecipeError, RecipeSpec, resolve_recipe  # noqa: E402
+from ressl.config import Config, ConfigError, load_config, resume_changes, run_tool  # noqa: E402
 from ressl.ema import momentum_at  # noqa: E402
 from ressl.eval import extract_features, knn_accuracy  # noqa: E402
-from ressl.io import atomic_open, atomic_write_json  # noqa: E402
+from ressl.io import atomic_write_json, remove_stale_temps  # noqa: E402
 from ressl.method import ReSSL, infonce_weight  # noqa: E402
+from ressl.run import (  # noqa: E402
+    NonFiniteLossError,
+    RunLock,
+    RunLog,
+    load_optimizer_state,
+    lr_lambda,
+    plot_curves,
+    save_checkpoint,
+)
 from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision  # noqa: E402
 
 log = logging.getLogger("train")
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or inf loss; the run stops before saving anything from that state."""
+# metrics.csv columns drawn in curves.png, in panel order
+CURVES = ("loss", "loss_rel", "loss_nce", "loss_sim", "key_std", "lr", "momentum", "knn_top1", "images_per_s")
 
 
 # ---------------------------------------------------------------------------------------------------
-# helpers: schedule, checkpoint, kNN monitor, logs
+# kNN monitor
 # ---------------------------------------------------------------------------------------------------
-def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warm-up from ~0 to 1, then cosine to 0, as a function of the optimiser step."""
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically (temp file, fsync, rename): a kill at any moment leaves the old or the new file."""
-    with atomic_open(path) as f:
-        torch.save(state, f)
-
-
 _KNN_OFF: set[str] = set()  # reasons already logged: the monitor says why it is off once per run
 
 
-def knn_monitor(cfg: Config, backbone: torch.nn.Module, device: torch.device) -> float | None:
+def knn_monitor(cfg: Config, spec: RecipeSpec, backbone: torch.nn.Module, device: torch.device) -> float | None:
     """Weighted kNN top-1 (%) of backbone features: train split as memory bank, val split as queries, read
     from any layout ``make dataset`` writes (pipelines.eval). None, said once with the reason, when the
     data has no labelled split to use."""
@@ -86,7 +90,6 @@ def knn_monitor(cfg: Config, backbone: torch.nn.Module, device: torch.device) ->
             _KNN_OFF.add(problem)
             log.warning("kNN monitor off: %s", problem)
         return None
-    spec = get_recipe(cfg.recipe)
     kw = dict(size=spec.weak.size, mean=spec.mean, std=spec.std, batch_size=256,
               num_workers=min(cfg.num_workers, 4), device=device)
     was_training = backbone.training
@@ -97,70 +100,63 @@ def knn_monitor(cfg: Config, backbone: torch.nn.Module, device: torch.device) ->
     return knn_accuracy(train_f, train_y, val_f, val_y, k=cfg.knn_k, t=cfg.knn_t)
 
 
-def plot_curves(csv_path: Path, png_path: Path) -> None:
-    """Loss, lr, momentum and kNN accuracy against the step, one panel each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    keys = [k for k in ("loss", "loss_rel", "loss_nce", "loss_sim", "key_std", "lr", "momentum", "knn_top1",
-                        "images_per_s")
-            if any(r.get(k) for r in rows)]
-    ncols = min(4, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.set_visible(False)
-    for ax, k in zip(axes.flat, keys):
-        pts = [(int(r["step"]), float(r[k])) for r in rows if r.get(k)]
-        ax.plot(*zip(*pts), marker="o" if k == "knn_top1" else None, markersize=3)
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(png_path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+# ---------------------------------------------------------------------------------------------------
+# helpers: recipe, resume, NaN advice
+# ---------------------------------------------------------------------------------------------------
+def resolve_spec(cfg: Config) -> RecipeSpec:
+    """The run's recipe (preset + ``recipe.*`` overrides), looked up once; a bad one is a ConfigError."""
+    try:
+        return resolve_recipe(cfg.recipe, cfg.recipe_overrides)
+    except RecipeError as e:
+        raise ConfigError(str(e)) from None
 
 
-class RunLog:
-    """CSV + TensorBoard rows, written by the main process only."""
+def find_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint this run resumes from, or None for a fresh start."""
+    if cfg.resume == "no":
+        return None
+    if cfg.resume == "auto":
+        path = run_dir / "last.pt"
+        return path if path.exists() else None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file (use auto, no, or a last.pt path)")
+    return path
 
-    FIELDS = ["step", "epoch", "loss", "loss_rel", "loss_nce", "loss_sim", "key_std", "lr", "momentum",
-              "infonce_weight", "images_per_s", "knn_top1"]
 
-    def __init__(self, run_dir: Path, enabled: bool, resume: bool):
-        self.enabled = enabled
-        self.csv_path = run_dir / "metrics.csv"
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
+def check_resume_config(state: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse a resume whose config differs in a key that cannot change; log the changes that apply."""
+    applied, refused = resume_changes(state.get("config", {}), cfg)
+    if refused:
+        lines = "\n  ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
+        raise ConfigError(f"cannot resume {path}: these keys differ from the checkpoint's config and cannot change "
+                          f"mid-run:\n  {lines}\nPut them back, or start a new run (another name=, or resume=no).")
+    for k, (old, new) in applied.items():
+        log.info("resume: %s changed %r -> %r (applied)", k, old, new)
 
-        self.tb = SummaryWriter(str(run_dir / "tb"))
-        fresh = not (resume and self.csv_path.exists())
-        self.f = open(self.csv_path, "w" if fresh else "a", newline="")
-        self.w = csv.DictWriter(self.f, fieldnames=self.FIELDS, extrasaction="ignore")
-        if fresh:
-            self.w.writeheader()
 
-    def row(self, step: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        self.w.writerow({"step": step, **values})
-        self.f.flush()
-        for k, v in values.items():
-            if k != "epoch" and v is not None:
-                self.tb.add_scalar(f"train/{k}" if k != "knn_top1" else "eval/knn_top1", v, step)
+def command_for(cfg: Config, num_processes: int, **changes: Any) -> str:
+    """A shell command that runs ``cfg`` with ``changes`` (every key spelled out: no config file needed)."""
+    args = [a for a in cfg.to_overrides() if a.split("=", 1)[0] not in changes]
+    args += [f"{k}={v}" for k, v in changes.items()]
+    tool = os.path.relpath(Path(__file__).resolve())
+    launch = ["python", tool] if num_processes == 1 else ["accelerate", "launch", "--num_processes",
+                                                          str(num_processes), tool]
+    return shlex.join(launch + args)
 
-    def close(self) -> None:
-        if self.enabled:
-            self.f.close()
-            self.tb.close()
+
+def nan_message(cfg: Config, step: int, epoch: int, lr_now: float, ckpt: Path, num_processes: int) -> str:
+    """Why the run stopped, and commands that work: resume the last good checkpoint with half the lr, or
+    start over under a new name."""
+    lr = cfg.lr / 2
+    head = (f"loss became NaN/inf by step {step} (epoch {epoch}, lr {lr_now:.4g}); stopping without saving. "
+            f"Check the data, or use precision=no if this was a reduced-precision run, or lower the lr:\n")
+    fresh = command_for(cfg, num_processes, lr=lr, name=f"{cfg.name}-lr{lr:g}", resume="no")
+    if ckpt.exists():
+        good = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
+        return (head + f"  resume the last good checkpoint ({ckpt}, step {good}) with half the lr:\n    "
+                + command_for(cfg, num_processes, lr=lr, resume=str(ckpt)) + f"\n  or start over:\n    {fresh}")
+    return head + f"  no checkpoint was written yet; start over with half the lr:\n    {fresh}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,6 +164,10 @@ class RunLog:
 # ---------------------------------------------------------------------------------------------------
 def main(cfg: Config) -> dict[str, Any]:
     """Train with ``cfg``; returns the summary that is also written to runs/NAME/summary.json."""
+    spec = resolve_spec(cfg)  # before any work: an unknown view or a bad value fails here
+    if cfg.recipe_overrides:
+        changes = ", ".join(f"recipe.{k}={v!r}" for k, v in cfg.recipe_overrides.items())
+        log.info("recipe %s with %s", cfg.recipe, changes)
     # --- accelerator + seeds --------------------------------------------------------------------------
     precision = resolve_precision(cfg.precision)  # auto: bf16 on CUDA, float32 on CPU
     # broadcast_buffers=False: DDP must not overwrite the queue and teacher buffers from rank 0 each step
@@ -176,20 +176,47 @@ def main(cfg: Config) -> dict[str, Any]:
         mixed_precision=precision, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)]
     )
     cfg.check_world(accelerator.num_processes)
-    set_seed(cfg.seed)  # same initial weights and queue on every process
-    device = accelerator.device
     run_dir = Path(cfg.out_dir) / cfg.name
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         logging.getLogger().setLevel(logging.WARNING)  # one process speaks
+    # the main process holds the run directory until the end (released on any exit, dropped by the
+    # kernel if the process is killed)
+    with RunLock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _train(cfg, spec, accelerator, precision, run_dir)
+
+
+def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: str, run_dir: Path) -> dict[str, Any]:
+    set_seed(cfg.seed)  # same initial weights and queue on every process
+    device = accelerator.device
+    if accelerator.is_main_process:
+        for p in remove_stale_temps(run_dir):  # e.g. the temp file of a checkpoint save that was killed
+            log.info("removed %s, left by an interrupted run", p)
+
+    # --- resume: read and check the checkpoint before any work -------------------------------------------
+    ckpt_path = run_dir / "last.pt"
+    resume_from = find_checkpoint(cfg, run_dir)
+    state: dict[str, Any] = {}
+    if resume_from is not None:
+        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        check_resume_config(state, cfg, resume_from)
 
     # --- data -----------------------------------------------------------------------------------------
     loader = build_loader(cfg, cfg.backend, split=cfg.train_split, device=device,
-                          rank=accelerator.process_index, world_size=accelerator.num_processes)
+                          rank=accelerator.process_index, world_size=accelerator.num_processes, spec=spec)
     steps_per_epoch = len(loader)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
+    if state and state["step"] >= total_steps:  # finished: say so, leave every output as it is
+        summary_path = run_dir / "summary.json"
+        done = (json.loads(summary_path.read_text()) if summary_path.is_file()
+                else {"name": cfg.name, "steps": state["step"]})
+        if accelerator.is_main_process:
+            print(f"run {cfg.name!r} is already finished ({state['step']} of {total_steps} steps; {run_dir}). "
+                  "Raise epochs= or max_steps= to train longer, or use resume=no or another name= to start over.")
+        accelerator.end_training()
+        return done
     log.info("backend %s, %d batches of %d per process per epoch, %d processes, %d steps, precision %s",
              type(loader).__name__, steps_per_epoch, loader.batch_size, accelerator.num_processes, total_steps,
              precision)
@@ -206,41 +233,36 @@ def main(cfg: Config) -> dict[str, Any]:
     train_step = TrainStep(model, optimizer, accelerator, scheduler)  # the step tools/bench.py times too
     core: ReSSL = train_step.core
 
-    # --- resume -----------------------------------------------------------------------------------------
-    ckpt_path = run_dir / "last.pt"
-    resume_from = None
-    if cfg.resume == "auto" and ckpt_path.exists():
-        resume_from = ckpt_path
-    elif cfg.resume not in ("auto", "no"):
-        resume_from = Path(cfg.resume)
-        if not resume_from.is_file():
-            raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
     step, start_epoch, start_batch, history = 0, 0, 0, {"knn": []}
-    if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+    if state:
         core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        # momentum buffers from the checkpoint; lr, weight decay and the schedule from the current config
+        load_optimizer_state(optimizer, scheduler, state["optimizer"], state["step"])
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
         history = state.get("history", history)
         torch.set_rng_state(state["rng_cpu"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, start_epoch, start_batch)
+        log.info("resumed from %s at step %d (epoch %d, batch %d), lr %.4g", resume_from, step, start_epoch,
+                 start_batch, scheduler.get_last_lr()[0])
 
     def checkpoint(epoch: int, batch: int) -> None:
+        if batch >= steps_per_epoch:  # the epoch is complete: resume at the start of the next one
+            epoch, batch = epoch + 1, 0
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_checkpoint(ckpt_path, {
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batch": batch,
                 "history": history, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict(),
+                "log_rows": runlog.rows,
             })
 
-    runlog = RunLog(run_dir, accelerator.is_main_process, resume=resume_from is not None)
+    runlog = RunLog(run_dir, accelerator.is_main_process, resume_step=step if state else None,
+                    keep_rows=state.get("log_rows"))
 
     def monitor(tag: str) -> float | None:
         acc = None
         if accelerator.is_main_process:
-            acc = knn_monitor(cfg, core.eval_backbone(), device)
+            acc = knn_monitor(cfg, spec, core.eval_backbone(), device)
             if acc is not None:
                 log.info("kNN top-1 %s: %.2f%%", tag, acc)
                 history["knn"].append((step, acc))
@@ -248,18 +270,22 @@ def main(cfg: Config) -> dict[str, Any]:
         accelerator.wait_for_everyone()
         return acc
 
-    if cfg.knn_before and resume_from is None:
+    def nonfinite_error() -> NonFiniteLossError:
+        return NonFiniteLossError(nan_message(cfg, step, epoch, scheduler.get_last_lr()[0], ckpt_path,
+                                              accelerator.num_processes))
+
+    if cfg.knn_before and not state:
         history["knn_before"] = monitor("before training")
 
     # --- loop -------------------------------------------------------------------------------------------
     losses: list[float] = []
     nonfinite = train_step.nonfinite  # on device, set in place by the step once a loss is NaN/inf
-    images_per_step = cfg.batch_size * (1 + len(get_recipe(cfg.recipe).strong))
+    images_per_step = cfg.batch_size * (1 + len(spec.strong))
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True,
                unit="step")
     t_last, step_last, t_start, step_start = time.perf_counter(), step, time.perf_counter(), step
     model.train()
-    epoch = start_epoch
+    epoch, position = start_epoch, (start_epoch, start_batch)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch, start_batch)
         for batch_idx, batch in enumerate(loader, start=start_batch):
@@ -269,13 +295,12 @@ def main(cfg: Config) -> dict[str, Any]:
             # autocast forward, backward, SGD + lr step, zero_grad, EMA + enqueue; no host sync
             loss, metrics = train_step(batch.weak, batch.strong, momentum=m, infonce_weight=w_nce)
             step += 1
+            position = (epoch, batch_idx + 1)
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 # host sync: the only one per log_every steps (loss values + the non-finite flag)
                 if nonfinite.item():
-                    raise NonFiniteLossError(
-                        f"loss became NaN/inf by step {step} (epoch {epoch}, lr {scheduler.get_last_lr()[0]:.4g}); "
-                        "stopping without saving. Lower lr, check the data, or use precision=no.")
+                    raise nonfinite_error()
                 now = time.perf_counter()
                 ips = images_per_step * (step - step_last) / (now - t_last)
                 t_last, step_last = now, step
@@ -287,7 +312,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                 img_s=f"{ips:.0f}")
             if step % cfg.ckpt_every == 0 and step < total_steps:
                 if nonfinite.item():  # host sync; never save a state that has seen a NaN
-                    raise NonFiniteLossError(f"loss became NaN/inf before step {step}; stopping without saving.")
+                    raise nonfinite_error()
                 checkpoint(epoch, batch_idx + 1)
             if step >= total_steps:
                 break
@@ -301,9 +326,9 @@ def main(cfg: Config) -> dict[str, Any]:
 
     # --- save -------------------------------------------------------------------------------------------
     if nonfinite.item():
-        raise NonFiniteLossError(f"loss became NaN/inf by step {step}; stopping without saving.")
+        raise nonfinite_error()
     final_knn = monitor("after training")
-    checkpoint(epoch + 1, 0)
+    checkpoint(*position)  # where a longer schedule would continue
     teacher_sum = torch.stack([p.detach().double().sum() for p in core.teacher.parameters()]).sum()
     teacher_sums = accelerator.gather(teacher_sum.reshape(1).to(device)).tolist()
     summary = {
@@ -313,10 +338,11 @@ def main(cfg: Config) -> dict[str, Any]:
         "images_per_s": images_per_step * (step - step_start) / elapsed if step > step_start else None,
         "teacher_checksums": teacher_sums, "queue_ptr": int(core.queue.ptr),
         "bad_files": getattr(loader, "bad_files", 0),
+        "recipe": cfg.recipe, "recipe_overrides": cfg.recipe_overrides, "config": cfg.to_dict(),
     }
     if accelerator.is_main_process:
         runlog.close()
-        plot_curves(runlog.csv_path, run_dir / "curves.png")
+        plot_curves(runlog.csv_path, run_dir / "curves.png", CURVES)
         atomic_write_json(run_dir / "summary.json", summary)
         kb = "n/a" if summary["knn_before"] is None else f"{summary['knn_before']:.2f}%"
         ka = "n/a" if final_knn is None else f"{final_knn:.2f}%"
@@ -337,4 +363,4 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main(parse_args())
+    run_tool(lambda: main(parse_args()))

@@ -518,7 +518,7 @@ STEP_FUNCS: dict[str, tuple[str, Callable[[Context, float], dict[str, Any]]]] = 
 def run_plan(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """Run the selected steps of ``plan`` within ``args.budget_s``; returns the report (also written)."""
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the steps run from the project root; the caller may not
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "schema": SCHEMA_VERSION, "kind": "gpucheck",

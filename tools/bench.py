@@ -60,6 +60,7 @@ from _measure import MODES, BenchError, cores, format_table, run, write_report  
 
 import pipelines  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
+from ressl.config import run_tool  # noqa: E402
 from ressl.step import resolve_precision  # noqa: E402
 
 __all__ = ["build_parser", "main", "resolve_args"]
@@ -231,4 +232,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

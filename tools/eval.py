@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.spec import get_recipe  # noqa: E402
-from ressl.config import Config  # noqa: E402
+from pipelines.spec import RecipeError, resolve_recipe  # noqa: E402
+from ressl.config import Config, ConfigError, run_tool  # noqa: E402
 from ressl.eval import (  # noqa: E402
     extract_features,
     knn_accuracy,
@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader]
         from pipelines.eval import build_eval_loader
     device = torch.device(args.device)
     backbone.to(device)
-    spec = get_recipe(cfg.recipe)
+    try:
+        spec = resolve_recipe(cfg.recipe, cfg.recipe_overrides)  # the run's recipe, its overrides included
+    except RecipeError as e:
+        raise ConfigError(f"{args.ckpt}: {e}") from None
     kw = dict(size=spec.weak.size, mean=spec.mean, std=spec.std, batch_size=args.batch_size,
               num_workers=args.num_workers, device=device)
     train_loader = build_eval_loader(str(data), train_split, **kw)
@@ -206,4 +209,4 @@ def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader]
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_tool(main)

@@ -27,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ressl.io import atomic_open  # noqa: E402
+from ressl.config import run_tool  # noqa: E402
 from ressl.eval import load_checkpoint  # noqa: E402
+from ressl.io import atomic_open  # noqa: E402
 from ressl.method import BACKBONE_PREFIX  # noqa: E402
 from ressl.models import CLASSIFIER_ATTRS, build_model  # noqa: E402
 
@@ -93,4 +94,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    run_tool(main)

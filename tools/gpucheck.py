@@ -332,8 +332,11 @@ def step_model(ctx: Context, timeout: float) -> dict[str, Any]:
     for label, extra in ctx.plan.model_rows:
         if "--compile" in extra and ctx.plan.skip_compile:
             parts.append({"label": label, "status": "skipped", "reason": ctx.plan.skip_compile})
+            opts = dict(zip(extra[::2], extra[1::2]))  # the row's --model / --size / --batch / --precision
             ctx.rows.append({"step": "model", "label": label, "backend": "synthetic", "mode": "model",
-                             "model": extra[1], "images_per_s": None, "skipped": ctx.plan.skip_compile})
+                             "model": opts.get("--model"), "batch": opts.get("--batch"), "size": opts.get("--size"),
+                             "precision": opts.get("--precision"), "compile": True, "images_per_s": None,
+                             "skipped": ctx.plan.skip_compile})
     todo = [(label, extra) for label, extra in ctx.plan.model_rows
             if not ("--compile" in extra and ctx.plan.skip_compile)]
     for i, (label, extra) in enumerate(todo):

@@ -26,7 +26,7 @@ def test_variant_overrides():
         learncheck.variant_overrides("byol", 3)
 
 
-def test_learncheck_writes_table_and_json(image_folder, tmp_path):
+def test_learncheck_writes_table_and_json(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "lc"
     report = learncheck.main(["--config", "", "--epochs", "1", "--out-dir", str(out), "--probe-epochs", "2",
                               f"data={image_folder}", *TINY])
@@ -42,5 +42,11 @@ def test_learncheck_writes_table_and_json(image_folder, tmp_path):
     assert set(saved["ressl_ge_moco_v2"]) == {"knn_top1", "linear_top1"}
     table = (out / "learncheck.md").read_text()
     assert table.count("\n| ") == 1 + len(rows) and "ReSSL >= MoCo v2 at this budget" in table
+    # --reuse: finished runs with the same config are evaluated, not trained again
+    monkeypatch.setattr(learncheck.train, "main", lambda cfg: pytest.fail(f"retrained {cfg.name}"))
+    again = learncheck.main(["--config", "", "--epochs", "1", "--out-dir", str(out), "--probe-epochs", "2", "--reuse",
+                             f"data={image_folder}", *TINY])
+    assert [r["knn_top1"] for r in again["rows"]] == [r["knn_top1"] for r in saved["rows"]]
+    assert [r["steps"] for r in again["rows"]] == [r["steps"] for r in saved["rows"]]
     with pytest.raises(KeyError, match="unknown variant"):
         learncheck.main(["--variants", "ressl,nope", "--out-dir", str(tmp_path / "x")])

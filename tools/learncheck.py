@@ -17,6 +17,7 @@ teacher key, negatives the queue, tau = ``infonce_tau``):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -82,9 +83,13 @@ def format_table(rows: list[dict[str, Any]], budget: str, probe: str) -> str:
 
 
 def run(config: str | None, overrides: list[str], epochs: int, out_dir: Path, probe: str = "fast",
-        probe_epochs: int = 100, variants: list[str] | None = None, eval_args: list[str] | None = None
-        ) -> dict[str, Any]:
-    """Train and evaluate every variant; returns (and writes) the JSON report."""
+        probe_epochs: int = 100, variants: list[str] | None = None, eval_args: list[str] | None = None,
+        reuse: bool = False) -> dict[str, Any]:
+    """Train and evaluate every variant; returns (and writes) the JSON report.
+
+    With ``reuse``, a variant whose run in ``out_dir`` finished with the same config is evaluated
+    without training it again (so variants can be trained by separate processes, then tabled at once).
+    """
     variants = variants or list(VARIANTS)
     for v in variants:
         variant_overrides(v, epochs)  # unknown names fail before any work
@@ -94,13 +99,18 @@ def run(config: str | None, overrides: list[str], epochs: int, out_dir: Path, pr
     for v in variants:
         cfg = load_config(config, [*base, *variant_overrides(v, epochs), f"name={v}"])
         ckpt = out_dir / v / "last.pt"
-        t0, summary = time.perf_counter(), None
+        t0, summary, minutes = time.perf_counter(), None, None
+        done = out_dir / v / "learncheck_run.json"
         if v == "random-init":
             _random_init_checkpoint(cfg, ckpt)
+        elif reuse and done.is_file() and json.loads(done.read_text())["config"] == cfg.to_dict():
+            log.info("learn-check: %s already trained with this config (%s), evaluating it", v, done)
+            summary, minutes = (json.loads(done.read_text())[k] for k in ("summary", "minutes"))
         else:
             log.info("learn-check: training %s (%s)", v, " ".join(variant_overrides(v, epochs)))
             summary = train.main(cfg)
-        minutes = None if summary is None else (time.perf_counter() - t0) / 60
+            minutes = (time.perf_counter() - t0) / 60
+            atomic_write_json(done, {"config": cfg.to_dict(), "summary": summary, "minutes": minutes})
         res = eval_tool.main(["--ckpt", str(ckpt), "--probe", probe, "--probe-epochs", str(probe_epochs),
                               "--no-tsne", "--num-workers", str(min(cfg.num_workers, 2)), *(eval_args or [])])
         rows.append({"variant": v, "what": VARIANTS[v][0], "overrides": variant_overrides(v, epochs),
@@ -134,12 +144,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="linear probe of tools/eval.py (fast: cached features; full: the paper's protocol)")
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    p.add_argument("--reuse", action="store_true",
+                   help="evaluate variants already trained in --out-dir with the same config instead of retraining")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     a = p.parse_args(argv)
     if a.epochs <= 0 or a.probe_epochs <= 0:
         p.error(f"--epochs and --probe-epochs must be > 0, got {a.epochs} and {a.probe_epochs}")
     return run(a.config or None, a.overrides, a.epochs, Path(a.out_dir), a.probe, a.probe_epochs,
-               [v for v in a.variants.split(",") if v])
+               [v for v in a.variants.split(",") if v], reuse=a.reuse)
 
 
 if __name__ == "__main__":

@@ -110,11 +110,6 @@ class ViewSpec:
         if self.blur_p > 0 and self.blur_kernel == 0:
             object.__setattr__(self, "blur_kernel", blur_kernel_size(self.size))
 
-    @property
-    def has_color_ops(self) -> bool:
-        """True when anything beyond crop + flip is applied (the weak view has none)."""
-        return bool((self.jitter and self.jitter.p > 0) or self.gray_p or self.blur_p or self.solarize_p)
-
 
 @dataclass(frozen=True)
 class RecipeSpec:

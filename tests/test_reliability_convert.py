@@ -313,3 +313,19 @@ def test_killed_conversion_leaves_no_encode_worker(tmp_path):
         for c in workers:
             if c.is_running():
                 c.kill()
+
+
+def test_cli_seed_option_reaches_the_manifest(tmp_path):
+    import importlib.util
+
+    _class_sorted_tree(tmp_path / "src", classes=2, per_class=3)
+    spec = importlib.util.spec_from_file_location("dataset_tool_seed", ROOT / "tools" / "dataset.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--formats", "rec",
+                      "--seed", "5", "--no-progress"]) == 0
+    out = tmp_path / "out" / "folder"
+    assert json.loads((out / "manifest.json").read_text())["order"]["seed"] == 5
+    assert [r.id for r in RecordIOReader(out / "train.rec", out / "train.idx")] == record_order(5, "train", 6).tolist()
+    with pytest.raises(SystemExit):
+        tool.main(["folder", "--src", str(tmp_path / "src"), "--beton-mode", "png"])

@@ -237,6 +237,7 @@ class DaliLoader:
         self.epoch, self.start_batch = 0, 0
         self._live: _LivePipeline | None = None
         self.names = [v.name for v in spec.views]
+        self.weak_name, self.strong_names = spec.weak.name, [v.name for v in spec.strong]
 
     def __len__(self) -> int:
         return (self.num_samples // self.world_size) // self.batch_size
@@ -248,13 +249,13 @@ class DaliLoader:
                              f"got epoch={epoch}, start_batch={start_batch}")
         self.epoch, self.start_batch = epoch, start_batch
 
-    def _build(self) -> _LivePipeline:
+    def _build(self, start_batch: int) -> _LivePipeline:
         """A pipeline whose stream starts at batch ``start_batch`` of epoch ``epoch``."""
         source = IndexedSource(self.samples, self.good, batch_size=self.batch_size, rank=self.rank,
                                world_size=self.world_size, seed=self.seed, epoch=self.epoch,
-                               start_batch=self.start_batch)
+                               start_batch=start_batch)
         # The augmentation stream: base seed + rank, moved on by the position the stream starts at.
-        position = self.epoch * len(self) + self.start_batch
+        position = self.epoch * len(self) + start_batch
         seed = (self.seed + self.rank + 1_000_003 * position) % (1 << 31)
         # channels_last: DALI writes HWC and torch sees NCHW with channels-last strides, no copy either way.
         layout = "HWC" if self.channels_last else "CHW"
@@ -265,21 +266,24 @@ class DaliLoader:
         # Endless iterator (the source never ends): this class counts the batches of an epoch.
         it = DALIGenericIterator([pipe], [*self.names, "label"], size=-1, auto_reset=False,
                                  last_batch_policy=LastBatchPolicy.DROP)
-        return _LivePipeline(pipe, it, self.epoch, self.start_batch)
+        return _LivePipeline(pipe, it, self.epoch, start_batch)
 
     def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
-        views = [out[n].permute(0, 3, 1, 2) if self.channels_last else out[n] for n in self.names]
-        label = out["label"].reshape(len(views[0]), -1)[:, 0].to(torch.int64)
-        return Batch(weak=views[0], strong=views[1:], label=label.to(self.device, non_blocking=True))
+        views = {n: out[n].permute(0, 3, 1, 2) if self.channels_last else out[n] for n in self.names}
+        weak = views[self.weak_name]
+        label = out["label"].reshape(len(weak), -1)[:, 0].to(torch.int64)
+        return Batch(weak=weak, strong=[views[n] for n in self.strong_names],
+                     label=label.to(self.device, non_blocking=True))
 
     def __iter__(self) -> Iterator[Batch]:
-        todo = len(self) - self.start_batch
+        start, self.start_batch = self.start_batch, 0  # a resume position serves one pass
+        todo = len(self) - start
         if todo <= 0:
             return
         live = self._live
-        if live is None or live.busy or (live.epoch, live.batch) != (self.epoch, self.start_batch):
+        if live is None or live.busy or (live.epoch, live.batch) != (self.epoch, start):
             self._live = None  # shuts the old pipeline down (drains its prefetch queue)
-            live = self._live = self._build()
+            live = self._live = self._build(start)
         live.busy = True
         try:
             for _ in range(todo):
@@ -290,7 +294,6 @@ class DaliLoader:
             live.busy = False
             if live.batch == len(self):
                 live.epoch, live.batch = live.epoch + 1, 0
-            self.start_batch = 0
 
 
 class _LivePipeline:

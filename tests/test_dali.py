@@ -253,6 +253,20 @@ def test_chained_epochs_match_fresh_pipelines(noise_data):
     assert again == [_match(_pixels(b.weak, spec), images) for b in fresh]
 
 
+def test_an_abandoned_pass_does_not_undo_a_resume_position(noise_data):
+    data, images = noise_data
+    spec = _identity_spec()
+    loader = dali(data, spec, batch_size=8)
+    loader.set_epoch(0)
+    full = [_match(_pixels(b.weak, spec), images) for b in loader]
+    old = iter(loader)
+    next(old)  # abandoned mid-epoch
+    loader.set_epoch(0, start_batch=2)
+    resumed = iter(loader)
+    old.close()  # its clean-up runs after the resume position was set
+    assert [_match(_pixels(b.weak, spec), images) for b in resumed] == full[2:]
+
+
 def _write_rec(data: Path, images: np.ndarray, split: str = "train") -> None:
     def png(a: np.ndarray) -> bytes:
         buf = io.BytesIO()

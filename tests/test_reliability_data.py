@@ -274,6 +274,6 @@ def test_knn_monitor_says_once_why_it_is_off(tmp_path, caplog):
     cfg = load_config(None, [f"data={tmp_path}", "recipe=cifar32", "batch_size=4", "queue_size=8"])
     train._KNN_OFF.clear()
     with caplog.at_level(logging.WARNING):
-        got = [train.knn_monitor(cfg, torch.nn.Identity(), CPU) for _ in range(3)]
+        got = [train.knn_monitor(cfg, SPEC, torch.nn.Identity(), CPU) for _ in range(3)]
     assert got == [None, None, None]
     assert caplog.text.count("kNN monitor off") == 1 and "no split 'val'" in caplog.text

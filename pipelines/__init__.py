@@ -2,7 +2,13 @@
 
 Every backend yields the same thing, a :class:`Batch` already on the training device, normalised:
 ``Batch(weak=[B,3,H,W], strong=[[B,3,h,w], ...], label=[B])``. :func:`build_loader` picks the backend.
-This package knows nothing about losses or models.
+This package knows nothing about losses or models. Each shared concept lives in one module:
+
+* :mod:`.batch` - ``Batch``, ``Loader``, ``LoaderConfig`` (every option a loader reads)
+* :mod:`.folder` - ImageFolder class listing, RGB loading, the per-epoch sharded order
+* :mod:`.samples` - trees / ``.rec`` / ``.beton`` read by index, and the one-time bad-file check
+* :mod:`.spec` - the augmentation recipe; :mod:`.eval` - the eval loader for every layout
+* backends :mod:`.torchvision`, :mod:`.dali`, :mod:`.ffcv`; :mod:`.formats` - the converters
 """
 
 from __future__ import annotations

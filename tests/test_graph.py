@@ -413,6 +413,16 @@ def test_nan_loss_stops_without_saving(tmp_path, monkeypatch):
     assert not (tmp_path / "nan" / "last.pt").exists()
 
 
+def test_a_run_directory_in_use_is_refused(tmp_path):
+    from ressl.run import RunLock, RunLockedError
+
+    cfg = _karate_cfg(tmp_path, "name=locked")
+    (tmp_path / "locked").mkdir()
+    with RunLock(tmp_path / "locked"), pytest.raises(RunLockedError, match="in use"):
+        train_graph.main(cfg)
+    assert not (tmp_path / "locked" / "metrics.csv").exists()
+
+
 def test_bad_data_fails_before_any_output(tmp_path):
     with pytest.raises(ConfigError, match="num_anchors=64 must be <= 34"):
         train_graph.main(_karate_cfg(tmp_path, "name=big", "num_anchors=64"))

@@ -11,7 +11,8 @@ Full batch: every step sees the whole graph, so a run is one process on one devi
 bf16 autocast there by default); Accelerate picks the device and precision.
 
 Outputs under runs/NAME/: metrics.csv, tb/ (TensorBoard), curves.png, last.pt (resumable checkpoint,
-written atomically), summary.json. ``resume=auto`` (the default) continues a killed run from last.pt,
+written atomically), summary.json; while it trains a run holds runs/NAME/.lock, so a second run of
+the same name is refused. ``resume=auto`` (the default) continues a killed run from last.pt,
 drawing the same views and anchors it would have drawn.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch_geometric.data import Data
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -38,8 +40,8 @@ from ressl.graph.data import GraphDataError, load_graph  # noqa: E402
 from ressl.graph.eval import linear_probe_splits, random_splits  # noqa: E402
 from ressl.graph.model import RGRL  # noqa: E402
 from ressl.graph.sampling import anchor_probabilities, diffusion_neighbours, node_degree  # noqa: E402
-from ressl.io import atomic_write_json  # noqa: E402
-from ressl.run import NonFiniteLossError, RunLog, plot_curves, save_checkpoint  # noqa: E402
+from ressl.io import atomic_write_json, remove_stale_temps  # noqa: E402
+from ressl.run import NonFiniteLossError, RunLock, RunLog, plot_curves, save_checkpoint  # noqa: E402
 from ressl.step import resolve_precision  # noqa: E402
 
 log = logging.getLogger("train_graph")
@@ -64,18 +66,29 @@ def main(cfg: GraphConfig) -> dict[str, Any]:
                           "processes (run it without accelerate launch --num_processes)")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    set_seed(cfg.seed)
-    device = accelerator.device
-
-    # --- data: the graph, its anchor distribution and diffusion neighbours, the evaluation splits ------
     try:
         data = load_graph(cfg.data)
     except GraphDataError as e:
         raise ConfigError(f"data={cfg.data!r}: {e}") from None
+    if cfg.num_anchors > data.num_nodes or cfg.topk >= data.num_nodes:
+        raise ConfigError(f"{cfg.data}: {data.num_nodes} nodes; num_anchors={cfg.num_anchors} must be <= "
+                          f"{data.num_nodes} and topk={cfg.topk} < {data.num_nodes}")
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # held until the end (released on any exit, dropped by the kernel if the process is killed)
+    with RunLock(run_dir):
+        return _train(cfg, accelerator, precision, data, run_dir, t_begin)
+
+
+def _train(cfg: GraphConfig, accelerator: Accelerator, precision: str, data: Data, run_dir: Path,
+           t_begin: float) -> dict[str, Any]:
+    set_seed(cfg.seed)
+    device = accelerator.device
+    for p in remove_stale_temps(run_dir):  # e.g. the temp file of a checkpoint save that was killed
+        log.info("removed %s, left by an interrupted run", p)
+
+    # --- data: the graph's anchor distribution and diffusion neighbours, the evaluation splits ---------
     n = data.num_nodes
-    if cfg.num_anchors > n or cfg.topk >= n:
-        raise ConfigError(f"{cfg.data}: {n} nodes; num_anchors={cfg.num_anchors} must be <= {n} and "
-                          f"topk={cfg.topk} < {n}")
     t0 = time.perf_counter()
     deg = node_degree(data.edge_index, n)
     neighbours = diffusion_neighbours(data.edge_index, n, cfg.topk, cfg.ppr_alpha)
@@ -84,8 +97,6 @@ def main(cfg: GraphConfig) -> dict[str, Any]:
              time.perf_counter() - t0)
     splits = random_splits(n, cfg.eval_splits, cfg.eval_val_frac, cfg.eval_test_frac, seed=cfg.seed)
     x, edge_index, y = data.x.to(device), data.edge_index.to(device), data.y.to(device)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     # --- model + optimiser (AdamW at a constant lr, as the authors) -------------------------------------
     model = RGRL(data.x.shape[1], cfg.hidden_dim, cfg.embed_dim, cfg.pred_hidden,

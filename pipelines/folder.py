@@ -5,8 +5,9 @@
   (a leading ``.``, e.g. ``.ipynb_checkpoints``) are neither classes nor images. A tree's labels can
   be taken from another class list (the train split's, or the manifest's ``classes``), so a val split
   that lacks a class still gets the train labels, and a class train does not know is an error.
-- **Loading an image as RGB** (:func:`load_rgb`, :func:`decode_rgb`): every decode failure becomes a
-  :class:`BadImageError` that names the file and the reason.
+- **Loading an image as RGB** (:func:`load_rgb`, :func:`decode_rgb`, :func:`to_rgb`): every decode
+  failure becomes a :class:`BadImageError` that names the file and the reason; 16-bit images are
+  scaled to 8 bits, not clipped.
 - **The per-epoch sharded order** (:func:`epoch_order`): one seeded permutation per (seed, epoch),
   dealt to ranks as ``torch.utils.data.DistributedSampler`` deals it, so the torchvision, DALI and
   FFCV backends visit the same samples in the same order for the same seed.
@@ -34,6 +35,7 @@ __all__ = [
     "list_files",
     "load_rgb",
     "shard_size",
+    "to_rgb",
     "train_classes",
     "verify_image",
 ]
@@ -128,11 +130,32 @@ class ImageFolderFiles:
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow modes of more than 8 bits per sample
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB; 16-bit and 32-bit grey images are scaled, not clipped.
+
+    Pillow's own ``convert("RGB")`` turns a 16-bit value v into min(v, 255): almost every pixel of a
+    16-bit photo becomes white. 16-bit data become ``round(v / 257)`` (65535 -> 255); 32-bit integer
+    or float data are scaled from 0..65535 when they fit it, else from their own min..max.
+    """
+    if img.mode not in WIDE_MODES:
+        return img.convert("RGB") if img.mode != "RGB" else img
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
+        grey = a / 257.0
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
+        grey = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.round(grey).clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
 def _to_rgb(f, name: str) -> Image.Image:
     try:
         img = Image.open(f)
         img.load()
-        return img.convert("RGB") if img.mode != "RGB" else img
+        return to_rgb(img)
     except UnidentifiedImageError as e:
         raise BadImageError(f"{name}: not an image (unrecognised format)") from e
     except _DECODE_ERRORS as e:

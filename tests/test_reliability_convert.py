@@ -112,6 +112,21 @@ def test_16_bit_png_is_scaled_to_8_bits_and_the_reason_says_so(tmp_path):
     assert got.mean() < 160 and abs(got.mean() - want.mean()) < 3
 
 
+def test_the_one_rgb_loader_scales_16_bit_images_for_training_too(tmp_path):
+    """A linked source tree is read by the loaders through pipelines.folder: same scaling as the converter."""
+    from PIL import Image
+
+    from pipelines.folder import load_rgb, to_rgb
+
+    ramp = (np.arange(8 * 16, dtype=np.uint32).reshape(8, 16) * 500).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    got = np.asarray(load_rgb(tmp_path / "deep.png"))
+    assert got.dtype == np.uint8 and got.shape == (8, 16, 3)
+    np.testing.assert_array_equal(got[..., 1], np.round(ramp / 257.0).astype(np.uint8))
+    floats = Image.fromarray(np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4), mode="F")
+    assert np.asarray(to_rgb(floats))[..., 0].tolist()[0][0] == 0 and np.asarray(to_rgb(floats)).max() == 255
+
+
 def test_empty_class_folder_is_left_out_with_a_warning(tmp_path, caplog):
     """Before: an empty folder became a class index with no images and no message."""
     _class_sorted_tree(tmp_path / "src" / "train", classes=2, per_class=2)

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.folder import WIDE_MODES, to_rgb
 from ressl.io import atomic_write_json, fsync_dir, remove_stale_temps, replace_dir, temp_name
 
 from . import BETON_MODE_CHOICES, FORMATS, RAW_MAX_SIDE, kernels
@@ -140,29 +141,6 @@ def _encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per sample
-
-
-def _to_rgb(img: Any) -> Any:
-    """``img`` as an 8-bit RGB PIL image; 16-bit and 32-bit grey images are scaled, not clipped.
-
-    Pillow's own ``convert("RGB")`` clips a 16-bit value v to min(v, 255): almost every pixel of a
-    16-bit photo becomes white. Here 16-bit data become ``round(v / 257)`` (65535 -> 255), and 32-bit
-    integer or float data are scaled from their own range (0..65535 when they fit it, else min..max).
-    """
-    from PIL import Image
-
-    if img.mode not in _WIDE_MODES:
-        return img.convert("RGB") if img.mode != "RGB" else img
-    a = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535 and img.mode == "I"):
-        grey = a / 257.0
-    else:
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
-        grey = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(np.round(grey).clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
-
-
 def _wide_reason(mode: str) -> str:
     what = "16-bit" if mode.startswith("I;16") else ("32-bit float" if mode == "F" else "32-bit integer")
     how = "v / 257" if mode.startswith("I;16") else "16-bit range or min..max"
@@ -199,7 +177,7 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
             if fmt != "JPEG":
                 ext = Path(path).suffix.lower()
                 reasons.append(f"{fmt} data in a '{ext}' file" if ext in _JPEG_EXTS else f"{fmt} image")
-            if mode in _WIDE_MODES:
+            if mode in WIDE_MODES:
                 reasons.append(_wide_reason(mode))
             elif mode != "RGB":
                 reasons.append(f"{mode} colour mode")
@@ -214,7 +192,7 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
             img.load()
             if not want_payload:
                 return Inspection(status, "; ".join(reasons), width, height)
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
             tree_bytes = _encode_jpeg(rgb, quality) if reasons else None
             if target != (width, height):
                 payload = _encode_jpeg(rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0), quality)
@@ -236,7 +214,7 @@ def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
     with Image.open(path) as img:
         if max_side and img.format == "JPEG":
             img.draft("RGB", _target_size(img.size[0], img.size[1], max_side))
-        return np.asarray(_to_rgb(img))
+        return np.asarray(to_rgb(img))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -245,9 +245,10 @@ class FFCVLoader:
         try:
             for out in epoch_iter:
                 got = dict(zip(self._names, out, strict=True))
-                views = [self._view(got, v) for v in self.spec.views]
+                views = {v.name: self._view(got, v) for v in self.spec.views}
                 label = got["label"].view(-1).to(torch.int64, copy=True)  # FFCV reuses its buffer
-                yield Batch(weak=views[0], strong=views[1:], label=label)
+                yield Batch(weak=views[self.spec.weak.name], strong=[views[v.name] for v in self.spec.strong],
+                            label=label)
         finally:
             # FFCV's close() frees the batch memory without waiting for its producer thread: stop and join
             # the thread first, or a consumer leaving mid-epoch can crash the process at exit

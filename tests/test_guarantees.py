@@ -1,0 +1,68 @@
+"""The README's "Guarantees", tested as stated: a real SIGKILL of `tools/train.py` mid-run, then the same command.
+
+Other guarantees (lock, finished runs, refused resume changes, bad files per backend, atomic conversion) have
+their own tests in test_reliability*.py; this one needs a real process to kill, so it lives apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["recipe=cifar32", "backbone=resnet18", "proj_hidden=64", "proj_dim=32", "queue_size=64",
+        "batch_size=8", "num_workers=0", "channels_last=false", "warmup_epochs=0", "knn_every=0",
+        "knn_before=false", "momentum=0.9", "max_steps=24", "log_every=1", "ckpt_every=4", "lr=0.2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cmd(data: Path, out: Path, name: str) -> list[str]:
+    return [sys.executable, str(ROOT / "tools" / "train.py"), f"data={data}", f"out_dir={out}", f"name={name}",
+            *ARGS]
+
+
+def _rows(run_dir: Path) -> list[tuple[int, float]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["loss"]]
+
+
+def test_sigkill_mid_training_then_the_same_command_gives_the_same_losses(image_folder, tmp_path):
+    subprocess.run(_cmd(image_folder, tmp_path, "full"), env=ENV, check=True, capture_output=True, timeout=600)
+    full = dict(_rows(tmp_path / "full"))
+
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen(_cmd(image_folder, tmp_path, "cut"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:  # kill once a mid-run checkpoint exists
+            rows = _rows(run_dir) if (run_dir / "metrics.csv").exists() else []
+            if (run_dir / "last.pt").exists() and rows and rows[-1][0] >= 9:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["step"]
+    assert 4 <= killed_at < 24
+
+    done = subprocess.run(_cmd(image_folder, tmp_path, "cut"), env=ENV, check=True, capture_output=True,
+                          text=True, timeout=600)
+    assert "taking over the lock" in done.stderr  # the killed holder's lock is taken over, with a message
+    rows = _rows(run_dir)
+    steps = [s for s, _ in rows]
+    assert steps == list(range(1, 25)), "metrics.csv must hold every step exactly once after the resume"
+    for step, loss in rows:
+        assert loss == full[step], (step, loss, full[step])  # bit-identical, not merely close
+    assert not list(run_dir.glob(".*tmp-*")), "a temp file of the killed process was left behind"
+    assert not (run_dir / ".lock").exists(), "a finished run releases its directory"

@@ -126,7 +126,8 @@ def _view(encoded, decoded, view: ViewSpec, spec: RecipeSpec, gpu: bool, dtype, 
     if jit is not None or view.gray_p > 0:
         img = fn.color_twist(img, saturation=saturation, hue=hue)
     if view.blur_p > 0:
-        sigma = fn.random.uniform(range=list(view.blur_sigma))
+        lo, hi = view.blur_sigma  # DALI rejects an empty range: a fixed sigma is a one-value draw
+        sigma = fn.random.uniform(range=[lo, hi]) if hi > lo else fn.random.uniform(values=[float(lo)])
         # DALI's own window for sigma alone is 2*ceil(3 sigma)+1 (the cheap one); never wider than the spec's.
         window = fn.cast(dmath.min(2.0 * dmath.ceil(3.0 * sigma) + 1.0, float(view.blur_kernel)), dtype=types.INT32)
         if fn.random.coin_flip(probability=view.blur_p, dtype=types.BOOL):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import sys
 import types
@@ -314,6 +315,19 @@ def read_preset(path: str | Path) -> dict[Any, Any]:
     return raw
 
 
+def apply_sources(path: str | os.PathLike | None, overrides: list[str] | dict[str, Any] | None,
+                  put: Callable[[Any, Any, str], Any]) -> None:
+    """Feed a preset's keys, then the overrides, to ``put(key, value, source)``; each override is logged
+    with the value ``put`` returns (the parsed one). Shared by every config dataclass's loader."""
+    if path is not None:
+        for k, v in read_preset(path).items():
+            put(k, v, str(path))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for k, v in (overrides or {}).items():
+        log.info("override %s = %r", k, put(k, v, "override"))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Read a YAML preset, apply overrides, validate. Logs every overridden key.
 
@@ -326,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     values: dict[str, Any] = {}
     recipe: dict[str, Any] = {}
 
-    def put(k: Any, v: Any, source: str) -> None:
+    def put(k: Any, v: Any, source: str) -> Any:
         if not isinstance(k, str):
             raise ConfigError(f"{source}: key {k!r} is not a string")
         if k.startswith("recipe."):
@@ -338,22 +352,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
                 recipe[sub] = parse_value(v) if isinstance(v, str) and source == "override" else v
             except ConfigError as e:
                 raise ConfigError(f"{source}: key {k!r}: {e}") from None
-            return
+            return recipe[sub]
         if k == "recipe_overrides":
             raise ConfigError(f"{source}: set recipe changes as recipe.<view>.<field> keys, not {k!r}")
         if k not in types_:
             known = ", ".join(sorted(set(types_) - {"recipe_overrides"}))
             raise ConfigError(f"{source}: unknown key {k!r} (known keys: {known}, recipe.<view>.<field>)")
         values[k] = _coerce(k, v, types_[k], source)
+        return values[k]
 
-    if path is not None:
-        for k, v in read_preset(path).items():
-            put(k, v, str(path))
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    for k, v in (overrides or {}).items():
-        put(k, v, "override")
-        log.info("override %s = %r", k, recipe[k[len("recipe."):]] if k.startswith("recipe.") else values[k])
+    apply_sources(path, overrides, put)
     if recipe:
         values["recipe_overrides"] = recipe
     return Config(**values).validate()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ressl.config import ConfigError, _coerce, parse_overrides, read_preset, resume_changes
+from ressl.config import ConfigError, _coerce, apply_sources, resume_changes
 
 __all__ = ["GraphConfig", "RESUME_CHANGEABLE", "graph_resume_changes", "load_graph_config"]
 
@@ -136,17 +136,11 @@ def load_graph_config(path: str | Path | None = None,
     types_ = {f.name: hints[f.name] for f in fields(GraphConfig)}
     values: dict[str, Any] = {}
 
-    def put(k: Any, v: Any, source: str) -> None:
+    def put(k: Any, v: Any, source: str) -> Any:
         if k not in types_:
             raise ConfigError(f"{source}: unknown key {k!r} (known keys: {', '.join(sorted(types_))})")
         values[k] = _coerce(k, v, types_[k], source)
+        return values[k]
 
-    if path is not None:
-        for k, v in read_preset(path).items():
-            put(k, v, str(path))
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    for k, v in (overrides or {}).items():
-        put(k, v, "override")
-        log.info("override %s = %r", k, values[k])
+    apply_sources(path, overrides, put)
     return GraphConfig(**values).validate()

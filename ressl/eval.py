@@ -50,13 +50,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
                     "which a checkpoint of tools/train.py never holds")
         else:
             what = f"not a torch.save file at all (no zip archive; {path.stat().st_size} bytes)"
-        raise ValueError(f"{path} is not a trainer checkpoint: it is {what}; it was not loaded") from None
+        raise ConfigError(f"{path} is not a trainer checkpoint: it is {what}; it was not loaded") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: expected a trainer checkpoint dict with keys 'model' and 'config', got {found}")
+        raise ConfigError(f"{path}: expected a trainer checkpoint dict with keys 'model' and 'config', got {found}")
     raw = ckpt["config"]
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: 'config' must be a dict (Config.to_dict()), got {type(raw).__name__}")
+        raise ConfigError(f"{path}: 'config' must be a dict (Config.to_dict()), got {type(raw).__name__}")
     known = {f for f in Config.__dataclass_fields__}
     unknown = sorted(set(raw) - known)
     if unknown:

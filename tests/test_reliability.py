@@ -193,13 +193,16 @@ def test_bad_recipe_fails_before_any_work(override, message, image_folder, tmp_p
     (["tools/train.py", "recipe.strong.blur_p=2"], "error: recipe.strong.blur_p=2: ViewSpec 'strong'"),
     (["tools/eval.py", "--ckpt", "{bogus}", "--data", "."], "error: "),
     (["tools/export.py", "--ckpt", "{bogus}", "--out", "x.pth"], "error: "),
+    (["tools/eval.py", "--ckpt", "{notes}", "--data", "."], "is not a trainer checkpoint: it is not a torch.save"),
 ])
 def test_config_errors_print_the_message_alone_and_exit_2(argv, message, tmp_path):
     bogus = tmp_path / "bogus.pt"
     torch.save({"model": {}, "config": {"bogus_key": 1}}, bogus)
-    argv = [a.replace("{bogus}", str(bogus)) for a in argv]
-    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    (tmp_path / "notes.pt").write_text("a text file named like a checkpoint")
+    args = [a.replace("{bogus}", str(bogus)).replace("{notes}", str(tmp_path / "notes.pt")) for a in argv]
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
-    if "eval" in argv[0] or "export" in argv[0]:
+    if ("eval" in argv[0] or "export" in argv[0]) and "{notes}" not in argv:
         assert "bogus_key" in r.stderr
+    assert "weights_only" not in r.stderr

@@ -21,12 +21,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from .folder import train_classes
 from .samples import BetonSamples, RecordSamples, Samples, TreeSamples
-from .torchvision import ShardSampler, ViewsDataset, normalize_on_device
+from .torchvision import ShardedLoader, normalize_on_device
 
 __all__ = ["EvalDataError", "EvalLoader", "build_eval_loader", "eval_problem", "find_split"]
 
@@ -97,31 +96,16 @@ def eval_transform(size: int, train_aug: bool) -> v2.Compose:
     return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
 
 
-class EvalLoader:
+class EvalLoader(ShardedLoader):
     """Yields ``(images [B,3,size,size] normalised on device, labels [B])``; every sample once per epoch
     across ranks (the last batch may be short). ``set_epoch`` reshuffles and re-draws the crops."""
 
     def __init__(self, samples: Samples, transform: v2.Compose, *, batch_size: int, num_workers: int,
                  device: torch.device, mean: Sequence[float], std: Sequence[float], shuffle: bool, rank: int,
                  world_size: int, seed: int):
-        self.samples, self.device, self.mean, self.std = samples, device, mean, std
-        self.batch_size = batch_size
-        self.dataset = ViewsDataset(samples, [transform])
-        self.sampler = ShardSampler(len(samples), batch_size, rank, world_size, seed, shuffle=shuffle,
-                                    drop_last=False)
-        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=device.type == "cuda")
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Order and crops of ``epoch`` (each sample's augmentation is seeded by seed, epoch and index)."""
-        self.sampler.set_epoch(epoch, start_batch)
-
-    @property
-    def bad_files(self) -> int:
-        return self.dataset.bad_count.value
+        super().__init__(samples, [transform], batch_size=batch_size, num_workers=num_workers, seed=seed,
+                         device=device, rank=rank, world_size=world_size, shuffle=shuffle, drop_last=False)
+        self.samples, self.mean, self.std = samples, mean, std
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for (img,), label in self.loader:

@@ -30,6 +30,7 @@ __all__ = [
     "ViewsDataset",
     "view_transform",
     "ShardSampler",
+    "ShardedLoader",
     "TorchvisionLoader",
     "build_torchvision_loader",
     "normalize_on_device",
@@ -133,28 +134,32 @@ def normalize_on_device(x: torch.Tensor, device: torch.device, mean: Sequence[fl
                      channels_last=channels_last)
 
 
-class TorchvisionLoader:
-    """DataLoader over an ImageFolder tree that yields :class:`pipelines.batch.Batch` on the device."""
+class ShardedLoader:
+    """A DataLoader over :class:`ViewsDataset` batched by :class:`ShardSampler`: length, epoch (order and
+    crops) and the bad-file count, shared by the training loader and the eval loader."""
 
-    def __init__(self, files: TreeSamples, spec: RecipeSpec, *, batch_size: int, num_workers: int, seed: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1, channels_last: bool = False):
-        self.spec, self.device, self.channels_last = spec, device, channels_last
-        self.batch_size = batch_size
-        self.dataset = ViewsDataset(files, [view_transform(v) for v in spec.views])
-        self.sampler = ShardSampler(len(files), batch_size, rank, world_size, seed)
+    def __init__(self, samples: Samples, transforms: list, *, batch_size: int, num_workers: int, seed: int,
+                 device: torch.device, rank: int, world_size: int, shuffle: bool = True, drop_last: bool = True,
+                 persistent_workers: bool = False):
+        self.device, self.batch_size = device, batch_size
+        self.dataset = ViewsDataset(samples, transforms)
+        self.sampler = ShardSampler(len(samples), batch_size, rank, world_size, seed, shuffle=shuffle,
+                                    drop_last=drop_last)
+        keep = persistent_workers and num_workers > 0
         self.loader = DataLoader(
             self.dataset,
             batch_sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
+            persistent_workers=keep,
+            prefetch_factor=4 if keep else None,
         )
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Order and crops of ``epoch`` (each sample's augmentation is seeded by seed, epoch and index)."""
         self.sampler.set_epoch(epoch, start_batch)
 
     @property
@@ -162,11 +167,23 @@ class TorchvisionLoader:
         """How many unreadable files were skipped so far (all workers)."""
         return self.dataset.bad_count.value
 
+
+class TorchvisionLoader(ShardedLoader):
+    """DataLoader over an ImageFolder tree that yields :class:`pipelines.batch.Batch` on the device."""
+
+    def __init__(self, files: TreeSamples, spec: RecipeSpec, *, batch_size: int, num_workers: int, seed: int,
+                 device: torch.device, rank: int = 0, world_size: int = 1, channels_last: bool = False):
+        super().__init__(files, [view_transform(v) for v in spec.views], batch_size=batch_size,
+                         num_workers=num_workers, seed=seed, device=device, rank=rank, world_size=world_size,
+                         persistent_workers=True)
+        self.spec, self.channels_last = spec, channels_last
+
     def __iter__(self) -> Iterator[Batch]:
         for views, label in self.loader:
-            out = [normalize_on_device(v, self.device, self.spec.mean, self.spec.std, self.channels_last)
-                   for v in views]
-            yield Batch(weak=out[0], strong=out[1:], label=label.to(self.device, non_blocking=True))
+            out = {view.name: normalize_on_device(x, self.device, self.spec.mean, self.spec.std, self.channels_last)
+                   for view, x in zip(self.spec.views, views, strict=True)}
+            yield Batch(weak=out[self.spec.weak.name], strong=[out[v.name] for v in self.spec.strong],
+                        label=label.to(self.device, non_blocking=True))
 
 
 def build_torchvision_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str, device: torch.device, rank: int,

@@ -188,7 +188,7 @@ def _strong(size: int, name: str = "strong", scale: tuple[float, float] = (0.2, 
     )
 
 
-# Multi-crop sizes and scale ranges of the ReSSL paper (DESIGN.md).
+# Multi-crop sizes and scale ranges of the ReSSL paper (NeurIPS 2021, multi-crop ImageNet run).
 MULTICROP_224 = ((224, (0.2, 1.0)), (192, (0.172, 0.86)), (160, (0.143, 0.715)), (128, (0.114, 0.571)),
                  (96, (0.086, 0.429)))
 

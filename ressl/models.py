@@ -121,7 +121,8 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
 
 
 class ProjectionHead(nn.Sequential):
-    """ReSSL projection: Linear -> ReLU -> Linear, no BatchNorm (DESIGN.md; 2048-4096-512 on ImageNet)."""
+    """ReSSL projection: Linear -> ReLU -> Linear, no BatchNorm (as the official ReSSL code; 2048-4096-512 on
+    ImageNet)."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
         super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))

@@ -243,14 +243,16 @@ def parse_value(text: str) -> Any:
 
 
 def run_tool(main: Callable[[], Any]) -> Any:
-    """Run a tool's entry point; a :class:`ConfigError` prints its message alone and exits with status 2.
+    """Run a tool's entry point; a :class:`ConfigError` or a missing file (a checkpoint, a dataset, an
+    index: ``FileNotFoundError``, whose message names the path) prints its message alone and exits with
+    status 2.
 
-    For ``if __name__ == "__main__":`` blocks: a bad key or value is the user's to fix, and a
+    For ``if __name__ == "__main__":`` blocks: a bad key, value or path is the user's to fix, and a
     traceback would bury the one line that says which.
     """
     try:
         return main()
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -13,6 +13,7 @@ from functools import partial
 
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 __all__ = [
     "BACKBONES",
@@ -38,6 +39,31 @@ def _cifar_resnet(arch: str) -> nn.Module:
     return model
 
 
+def _narrow_resnet18(width: int) -> nn.Module:
+    """torchvision's ResNet-18 blocks at ``width`` base channels (``width`` .. 8 x ``width``) with a 3x3
+    stride-2 stem and no max-pool, for small inputs on a CPU.
+
+    At 32 px and width 32 it has 2.8 M parameters (ResNet-18: 11.7 M) and stage 1 sees 16 x 16, twice the
+    resolution of the ImageNet stem's 8 x 8; one training step of the demo takes about half the time of
+    ``resnet18``'s on 2 CPU cores. Initialised as torchvision initialises its ResNets.
+    """
+    model = torchvision.models.resnet18(weights=None)
+    model.inplanes = width  # read by _make_layer: the input width of the next stage
+    model.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=2, padding=1, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.maxpool = nn.Identity()
+    for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
+        setattr(model, name, model._make_layer(BasicBlock, width * 2**i, 2, stride=1 if i == 0 else 2))
+    model.fc = nn.Linear(8 * width, model.fc.out_features)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def _torchvision(arch: str) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None)
 
@@ -45,6 +71,7 @@ def _torchvision(arch: str) -> nn.Module:
 BACKBONES: dict[str, Callable[[], nn.Module]] = {
     "resnet18_cifar": partial(_cifar_resnet, "resnet18"),
     "resnet50_cifar": partial(_cifar_resnet, "resnet50"),
+    "resnet18_w32": partial(_narrow_resnet18, 32),
     "resnet18": partial(_torchvision, "resnet18"),
     "resnet50": partial(_torchvision, "resnet50"),
     "efficientnet_b0": partial(_torchvision, "efficientnet_b0"),

@@ -14,7 +14,7 @@ def test_registry_backbone_is_headless_with_discovered_width(name):
     with torch.no_grad():
         out = net(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, feat)
-    assert feat == {"resnet18_cifar": 512, "resnet50_cifar": 2048, "resnet18": 512, "resnet50": 2048,
+    assert feat == {"resnet18_cifar": 512, "resnet50_cifar": 2048, "resnet18": 512, "resnet50": 2048, "resnet18_w32": 256,
                     "efficientnet_b0": 1280, "mobilenet_v3_large": 960}[name]
     assert not any(isinstance(m, torch.nn.Dropout) for m in net.modules())  # classifier dropout removed too
     full = build_model(name)
@@ -27,6 +27,20 @@ def test_cifar_stem_keeps_resolution():
     assert isinstance(net.maxpool, torch.nn.Identity)
     stem = net.relu(net.bn1(net.conv1(torch.randn(1, 3, 32, 32))))
     assert net.layer1(net.maxpool(stem)).shape[-1] == 32
+
+
+def test_narrow_resnet18_widths_stem_and_init():
+    torch.manual_seed(0)
+    net, feat = build_backbone("resnet18_w32")
+    widths = [net.conv1.out_channels] + [getattr(net, f"layer{i}")[-1].conv2.out_channels for i in range(1, 5)]
+    assert widths == [32, 32, 64, 128, 256] and feat == 256
+    assert net.conv1.stride == (2, 2) and isinstance(net.maxpool, torch.nn.Identity)
+    stem = net.relu(net.bn1(net.conv1(torch.randn(1, 3, 32, 32))))
+    assert net.layer1(stem).shape[-2:] == (16, 16)  # twice the ImageNet stem's 8 x 8 at 32 px
+    assert 2.7e6 < sum(p.numel() for p in net.parameters()) < 2.9e6  # resnet18: 11.2 M without fc
+    # torchvision's ResNet init (kaiming fan_out), not PyTorch's default uniform conv init
+    w = net.layer4[0].conv1.weight
+    assert abs(w.std().item() - (2 / (w.shape[0] * 9)) ** 0.5) < 0.1 * (2 / (w.shape[0] * 9)) ** 0.5
 
 
 def test_any_torchvision_classifier_name_is_accepted():

@@ -194,15 +194,24 @@ def test_bad_recipe_fails_before_any_work(override, message, image_folder, tmp_p
     (["tools/eval.py", "--ckpt", "{bogus}", "--data", "."], "error: "),
     (["tools/export.py", "--ckpt", "{bogus}", "--out", "x.pth"], "error: "),
     (["tools/eval.py", "--ckpt", "{notes}", "--data", "."], "is not a trainer checkpoint: it is not a torch.save"),
+    (["tools/eval.py", "--ckpt", "{missing}"], "error: checkpoint '{missing}' does not exist"),
+    (["tools/export.py", "--ckpt", "{missing}", "--out", "x.pth"], "error: checkpoint '{missing}' does not exist"),
+    (["tools/train.py", "--config", "configs/demo.yaml", "data={missing}", "out_dir={tmp}"],
+     "error: dataset directory '{missing}' does not exist"),
 ])
 def test_config_errors_print_the_message_alone_and_exit_2(argv, message, tmp_path):
     bogus = tmp_path / "bogus.pt"
     torch.save({"model": {}, "config": {"bogus_key": 1}}, bogus)
     (tmp_path / "notes.pt").write_text("a text file named like a checkpoint")
-    args = [a.replace("{bogus}", str(bogus)).replace("{notes}", str(tmp_path / "notes.pt")) for a in argv]
+    names = {"{bogus}": str(bogus), "{notes}": str(tmp_path / "notes.pt"), "{missing}": str(tmp_path / "missing"),
+             "{tmp}": str(tmp_path)}
+    for k, v in names.items():
+        argv = [a.replace(k, v) for a in argv]
+        message = message.replace(k, v)
+    args = argv
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
-    if ("eval" in argv[0] or "export" in argv[0]) and "{notes}" not in argv:
+    if ("eval" in argv[0] or "export" in argv[0]) and str(bogus) in argv:
         assert "bogus_key" in r.stderr
     assert "weights_only" not in r.stderr

@@ -1,6 +1,6 @@
 """Does it learn? Random init vs MoCo v2 vs ReSSL vs TPAMI vs seed-004 at one budget, same seed.
 
-    python tools/learncheck.py                                   # demo data, configs/demo.yaml, 8 epochs
+    python tools/learncheck.py                                   # demo data, configs/demo.yaml, its epochs
     python tools/learncheck.py --epochs 4 --out-dir runs/lc4 batch_size=32
     make learn-check [ARGS="--epochs 4"]
 
@@ -138,7 +138,8 @@ def run(config: str | None, overrides: list[str], epochs: int, out_dir: Path, pr
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--epochs", type=int, default=8, help="the one budget every variant trains for")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="the one budget every variant trains for (default: the config's epochs)")
     p.add_argument("--out-dir", default="runs/learncheck")
     p.add_argument("--probe", default="fast", choices=("fast", "full"),
                    help="linear probe of tools/eval.py (fast: cached features; full: the paper's protocol)")
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="evaluate variants already trained in --out-dir with the same config instead of retraining")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     a = p.parse_args(argv)
+    if a.epochs is None:
+        a.epochs = load_config(a.config or None, a.overrides).epochs
     if a.epochs <= 0 or a.probe_epochs <= 0:
         p.error(f"--epochs and --probe-epochs must be > 0, got {a.epochs} and {a.probe_epochs}")
     return run(a.config or None, a.overrides, a.epochs, Path(a.out_dir), a.probe, a.probe_epochs,

@@ -14,8 +14,8 @@ def test_registry_backbone_is_headless_with_discovered_width(name):
     with torch.no_grad():
         out = net(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, feat)
-    assert feat == {"resnet18_cifar": 512, "resnet50_cifar": 2048, "resnet18": 512, "resnet50": 2048, "resnet18_w32": 256,
-                    "efficientnet_b0": 1280, "mobilenet_v3_large": 960}[name]
+    assert feat == {"resnet18_cifar": 512, "resnet50_cifar": 2048, "resnet18": 512, "resnet50": 2048,
+                    "resnet18_w32": 256, "efficientnet_b0": 1280, "mobilenet_v3_large": 960}[name]
     assert not any(isinstance(m, torch.nn.Dropout) for m in net.modules())  # classifier dropout removed too
     full = build_model(name)
     assert set(net.state_dict()) <= set(full.state_dict())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.spec import resolve_recipe
 from ressl.config import RESUME_CHANGEABLE, Config, ConfigError, load_config, resume_changes
 
 # rgrl-*.yaml are GraphConfig presets for tools/train_graph.py (tests/test_graph*.py load them)
@@ -17,6 +18,19 @@ CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/*.
 def test_presets_load(path):
     cfg = load_config(path)
     assert cfg.queue_size % cfg.batch_size == 0
+    spec = resolve_recipe(cfg.recipe, cfg.recipe_overrides)  # the preset's recipe overrides compile
+    for key, value in cfg.recipe_overrides.items():
+        view, *path = key.split(".")
+        got = spec.view(view)
+        for name in path:  # "strong.jitter.brightness" -> spec.view("strong").jitter.brightness
+            got = getattr(got, name)
+        assert got == (tuple(value) if isinstance(value, list) else value), key
+
+
+def test_demo_recipe_is_digit_shaped():
+    spec = resolve_recipe(*(lambda c: (c.recipe, c.recipe_overrides))(load_config("configs/demo.yaml")))
+    assert [v.flip_p for v in spec.views] == [0.0, 0.0] and [v.size for v in spec.views] == [16, 16]
+    assert spec.strong[0].blur_kernel == 1  # re-derived for 16 px: a 1-px window
 
 
 def test_defaults_are_the_paper_imagenet_run():

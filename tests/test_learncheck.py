@@ -21,7 +21,7 @@ TINY = ["recipe=cifar32", "backbone=resnet18", "proj_hidden=32", "proj_dim=16", 
 def test_variant_overrides():
     assert learncheck.variant_overrides("moco-v2", 7)[:2] == ["warmup_infonce_epochs=7", "infonce_blend_epochs=0"]
     assert "w_sim=1" in learncheck.variant_overrides("seed-004", 3)
-    assert learncheck.variant_overrides("random-init", 3) == []
+    assert learncheck.variant_overrides("random-init", 3) == learncheck.variant_overrides("as-configured", 3) == []
     with pytest.raises(KeyError, match="unknown variant 'byol'"):
         learncheck.variant_overrides("byol", 3)
 
@@ -39,6 +39,7 @@ def test_learncheck_writes_table_and_json(image_folder, tmp_path, monkeypatch):
         assert r["probe"].startswith("fast")
         assert (r["steps"] is None) == (name == "random-init")
     assert rows["ressl"]["steps"] == 2 and rows["seed-004"]["final_loss"] is not None
+    assert rows["as-configured"]["steps"] == 2  # trained, unlike random-init, with the config's own keys
     assert set(saved["ressl_ge_moco_v2"]) == {"knn_top1", "linear_top1"}
     table = (out / "learncheck.md").read_text()
     assert table.count("\n| ") == 1 + len(rows) and "ReSSL >= MoCo v2 at this budget" in table

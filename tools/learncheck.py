@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "seed-004": ("relation + instance term 2 - 2cos(p, k)", {"warmup_infonce_epochs": "0",
                                                              "infonce_blend_epochs": "0", "predictor": "true",
                                                              "w_sim": "1"}),
+    # the run `make train` makes (demo: relation loss after a 4+2-epoch InfoNCE warm-up, no predictor)
+    "as-configured": ("the config unchanged", {}),
 }
 __doc__ += "".join(f"\n    {n:12s} {what}: {' '.join(f'{k}={v}' for k, v in kv.items()) or '-'}"
                    for n, (what, kv) in VARIANTS.items()) + "\n"

@@ -245,6 +245,17 @@ _SLOW_WRITER = textwrap.dedent("""
 """)
 
 
+def _cmdline(proc) -> list[str] | None:
+    """A child's command line; None for one that exited (or is a zombie) while the children were listed:
+    short-lived helpers such as ldconfig come and go during start-up."""
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+
+
 @needs_ffcv
 def test_killed_writer_leaves_no_child_and_no_shared_memory(tmp_path):
     """Before: an FFCV writer child could outlive a SIGKILLed parent, holding the temp file and /dev/shm."""
@@ -261,7 +272,7 @@ def test_killed_writer_leaves_no_child_and_no_shared_memory(tmp_path):
             if proc.poll() is not None:
                 pytest.fail("the writer finished before it could be killed")
             # forked workers share the parent's command line (not the resource tracker, not ldconfig)
-            children = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+            children = [c for c in parent.children() if _cmdline(c) == parent.cmdline()]
             if len(children) >= 2 and list(tmp_path.glob(".x.beton.*tmp-*")):
                 break
             time.sleep(0.05)
@@ -314,7 +325,7 @@ def test_killed_conversion_leaves_no_encode_worker(tmp_path):
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
-            workers = [c for c in parent.children() if c.cmdline() == parent.cmdline()]
+            workers = [c for c in parent.children() if _cmdline(c) == parent.cmdline()]
             if len(workers) >= 2 and list((out / "folder").glob(".train.rec.tmp-*")):
                 break
             time.sleep(0.01)

@@ -55,12 +55,9 @@ def _narrow_resnet18(width: int) -> nn.Module:
     for i, name in enumerate(("layer1", "layer2", "layer3", "layer4")):
         setattr(model, name, model._make_layer(BasicBlock, width * 2**i, 2, stride=1 if i == 0 else 2))
     model.fc = nn.Linear(8 * width, model.fc.out_features)
-    for m in model.modules():
+    for m in model.modules():  # new BatchNorms already start at weight 1, bias 0, as torchvision sets them
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
     return model
 
 

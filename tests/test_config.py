@@ -28,7 +28,8 @@ def test_presets_load(path):
 
 
 def test_demo_recipe_is_digit_shaped():
-    spec = resolve_recipe(*(lambda c: (c.recipe, c.recipe_overrides))(load_config("configs/demo.yaml")))
+    cfg = load_config("configs/demo.yaml")
+    spec = resolve_recipe(cfg.recipe, cfg.recipe_overrides)
     assert [v.flip_p for v in spec.views] == [0.0, 0.0] and [v.size for v in spec.views] == [16, 16]
     assert spec.strong[0].blur_kernel == 1  # re-derived for 16 px: a 1-px window
 

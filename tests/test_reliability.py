@@ -208,8 +208,7 @@ def test_config_errors_print_the_message_alone_and_exit_2(argv, message, tmp_pat
     for k, v in names.items():
         argv = [a.replace(k, v) for a in argv]
         message = message.replace(k, v)
-    args = argv
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
     if ("eval" in argv[0] or "export" in argv[0]) and str(bogus) in argv:

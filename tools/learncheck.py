@@ -103,11 +103,12 @@ def run(config: str | None, overrides: list[str], epochs: int, out_dir: Path, pr
         ckpt = out_dir / v / "last.pt"
         t0, summary, minutes = time.perf_counter(), None, None
         done = out_dir / v / "learncheck_run.json"
+        previous = json.loads(done.read_text()) if reuse and done.is_file() else None
         if v == "random-init":
             _random_init_checkpoint(cfg, ckpt)
-        elif reuse and done.is_file() and json.loads(done.read_text())["config"] == cfg.to_dict():
+        elif previous is not None and previous["config"] == cfg.to_dict():
             log.info("learn-check: %s already trained with this config (%s), evaluating it", v, done)
-            summary, minutes = (json.loads(done.read_text())[k] for k in ("summary", "minutes"))
+            summary, minutes = previous["summary"], previous["minutes"]
         else:
             log.info("learn-check: training %s (%s)", v, " ".join(variant_overrides(v, epochs)))
             summary = train.main(cfg)

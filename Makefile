@@ -8,20 +8,33 @@ CONFIG  ?= configs/demo.yaml
 ARGS    ?=
 EXPORT  ?= backbone.pth
 
+# The data step that another target runs first (train, learn-check, train-graph). It passes only the data
+# step's own variables: the user's ARGS, SRC, NAME, MAX_SIDE, QUALITY and FORMATS belong to the step they
+# called, so they are cleared on the sub-make's command line (which wins over inherited variables).
+DATA_STEP = $(MAKE) --no-print-directory dataset OUT=$(OUT) ARGS= SRC= NAME= MAX_SIDE= QUALITY= FORMATS=beton,rec
+# With OUT set, the training step reads the data it just wrote there (the presets say data/...).
+DATA_OVERRIDE = $(if $(filter-out data,$(OUT)),data=$(OUT)/$(1))
+
 .PHONY: help setup test train learn-check train-graph dataset bench gpu-check eval export lint
 
 help:
+	@echo "Each target lists the variables it reads; ARGS always go to the target's own tool."
 	@echo "make setup            create .venv/ and install ressl with all extras (+ Debian packages FFCV needs, as root)"
 	@echo "make train            demo dataset (if missing) + a short demo run with kNN before/after"
+	@echo "                      reads CONFIG OUT ARGS   e.g. make train ARGS=\"seed=1\" (training overrides key=value)"
 	@echo "make learn-check      demo data: random init vs MoCo v2 vs ReSSL vs TPAMI vs seed-004, one budget (table + JSON)"
+	@echo "                      reads CONFIG OUT ARGS   e.g. make learn-check ARGS=\"--seeds 0,1,2\""
 	@echo "make train-graph      digits k-NN graph (if missing) + a short RGRL run with node accuracy before/after"
+	@echo "                      reads OUT ARGS"
 	@echo "make test             run the test suite (CPU)"
-	@echo "make dataset DATA=... write data/NAME/ (ImageFolder, .beton, .rec); SRC=path OUT=dir FORMATS=beton,rec"
+	@echo "make dataset DATA=... write OUT/NAME/ (ImageFolder, .beton, .rec)"
+	@echo "                      reads DATA OUT SRC FORMATS WORKERS MAX_SIDE QUALITY ARGS (ARGS: tools/dataset.py flags)"
 	@echo "make dataset DATA=planetoid SRC=DIR NAME=Cora|CiteSeer|PubMed, DATA=karate, DATA=digits-knn   graph.pt"
-	@echo "make bench ARGS=...   images/s of loaders, model step and end to end (JSON)"
-	@echo "make gpu-check        the prepared GPU run (env, CUDA tests, rates, training); ARGS=\"--cpu\" on CPU"
-	@echo "make eval CKPT=...    kNN + linear probe + t-SNE of a checkpoint"
-	@echo "make export CKPT=... EXPORT=backbone.pth   torchvision state_dict of the trained backbone"
+	@echo "                      reads DATA OUT SRC NAME ARGS"
+	@echo "make bench ARGS=...   images/s of loaders, model step and end to end (JSON); reads ARGS"
+	@echo "make gpu-check        the prepared GPU run (env, CUDA tests, rates, training); ARGS=\"--cpu\" on CPU; reads ARGS GPU_PY"
+	@echo "make eval CKPT=...    kNN + linear probe + t-SNE of a checkpoint; reads CKPT ARGS"
+	@echo "make export CKPT=... EXPORT=backbone.pth   torchvision state_dict of the trained backbone; reads CKPT EXPORT ARGS"
 	@echo "make lint             ruff"
 
 setup:
@@ -54,19 +67,19 @@ else
 endif
 
 train:
-	@test -d $(OUT)/demo/train || $(MAKE) dataset DATA=demo
+	@test -d $(OUT)/demo/train || $(DATA_STEP) DATA=demo
 	@echo "==> demo training run ($(CONFIG))"
-	$(PY) tools/train.py --config $(CONFIG) $(ARGS)
+	$(PY) tools/train.py --config $(CONFIG) $(call DATA_OVERRIDE,demo) $(ARGS)
 
 learn-check:
-	@test -d $(OUT)/demo/train || $(MAKE) dataset DATA=demo
+	@test -d $(OUT)/demo/train || $(DATA_STEP) DATA=demo
 	@echo "==> tools/learncheck.py ($(CONFIG)): every variant at one budget -> runs/learncheck/learncheck.md, .json"
-	$(PY) tools/learncheck.py --config $(CONFIG) $(ARGS)
+	$(PY) tools/learncheck.py --config $(CONFIG) $(call DATA_OVERRIDE,demo) $(ARGS)
 
 train-graph:
-	@test -f $(OUT)/digits-knn/graph.pt || $(MAKE) dataset DATA=digits-knn
+	@test -f $(OUT)/digits-knn/graph.pt || $(DATA_STEP) DATA=digits-knn
 	@echo "==> RGRL demo run (configs/rgrl-digits.yaml)"
-	$(PY) tools/train_graph.py --config configs/rgrl-digits.yaml $(ARGS)
+	$(PY) tools/train_graph.py --config configs/rgrl-digits.yaml $(call DATA_OVERRIDE,digits-knn) $(ARGS)
 
 bench:
 	@echo "==> tools/bench.py $(ARGS)"

@@ -10,6 +10,8 @@ The queue is written only in :meth:`ReSSL.update`, after the backward pass, beca
 the queue tensor for the student logits; writing it in ``forward`` would corrupt the gradient.
 Variants are switches of the same module: the TPAMI predictor (student only) and InfoNCE warm-up,
 the seed-004 instance term (``w_sim``) and multi-crop (any number of strong views).
+Shuffle-BN (``shuffle_bn_splits``) happens inside the split BatchNorm layers of :mod:`ressl.splitbn`:
+each encoder runs once per step and resolution, its BN statistics taken per group of rows.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import ConfigError
 from .ema import ema_update_
 from .loss import infonce_loss, relation_loss, similarity_loss
 from .models import Predictor, ProjectionHead, build_backbone
 from .queue import FeatureQueue, gather_keys
+from .splitbn import bn_splits, convert_split_batchnorm
 
 if TYPE_CHECKING:
     from .config import Config
@@ -78,6 +82,14 @@ def shuffle_permutation(seed: int, call: int, n: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
+def _interleave(x: Tensor, groups: int) -> Tensor:
+    """Rows reordered so that contiguous block k of ``x`` (``groups`` blocks) becomes rows k, k + groups, ...
+
+    ``_interleave(_interleave(x, g), len(x) // g)`` is ``x``.
+    """
+    return x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -97,11 +109,14 @@ class ReSSL(nn.Module):
         w_rel, w_sim: weights of the relation(+InfoNCE) term and of the instance term ``2 - 2 cos``.
         infonce_tau: temperature of the InfoNCE warm-up loss.
         shuffle_bn_splits: BatchNorm statistics come from this many groups of each process's batch,
-            contiguous rows for the student and strided rows for the teacher (1 = off). Without it the
-            student can match the teacher through the batch's own BN statistics instead of the images,
-            and a batch's embeddings collapse onto one direction (MoCo's shuffle-BN). With more than one
-            process the teacher's batch is also shuffled across processes first, as in the official
-            code: see :meth:`_embed_teacher`.
+            contiguous rows for the student and strided rows for the teacher (1 = off); the per-process
+            batch must be a multiple of it. Without it the student can match the teacher through the
+            batch's own BN statistics instead of the images, and a batch's embeddings collapse onto one
+            direction (MoCo's shuffle-BN). Above 1 every BatchNorm of both encoders (the predictor's too)
+            is a :mod:`~ressl.splitbn` layer that computes the groups' statistics in one forward pass, as
+            MoCo's CIFAR demo does; in eval they are plain BatchNorm with the usual running statistics, and
+            the state dict is the plain model's. With more than one process the teacher's batch is also
+            shuffled across processes first, as in the official code: see :meth:`_embed_teacher`.
         shuffle_seed: seed of the cross-process permutation (the run's seed).
 
     Attributes:
@@ -137,16 +152,18 @@ class ReSSL(nn.Module):
                 raise ValueError(f"ReSSL: {key} must be > 0, got {value}")
         if w_rel < 0 or w_sim < 0 or w_rel + w_sim == 0:
             raise ValueError(f"ReSSL: w_rel and w_sim must be >= 0 and not both 0, got {w_rel} and {w_sim}")
+        if shuffle_bn_splits < 1:
+            raise ValueError(f"ReSSL: shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
         net, feat_dim = build_backbone(backbone)
         head = ProjectionHead(feat_dim, proj_hidden, proj_dim)
         self.student = Encoder(net, head, Predictor(proj_dim, pred_hidden) if predictor else None)
-        self.teacher = Encoder(copy.deepcopy(net), copy.deepcopy(head))
+        if shuffle_bn_splits > 1:  # BatchNorm layers (backbone and predictor) that can split the batch
+            convert_split_batchnorm(self.student)
+        self.teacher = Encoder(copy.deepcopy(self.student.backbone), copy.deepcopy(head))
         self.teacher.requires_grad_(False)
         self.queue = FeatureQueue(queue_size, proj_dim)
         self.feat_dim = feat_dim
         self.tau_s, self.tau_t, self.infonce_tau = tau_s, tau_t, infonce_tau
-        if shuffle_bn_splits < 1:
-            raise ValueError(f"ReSSL: shuffle_bn_splits must be >= 1, got {shuffle_bn_splits}")
         self.shuffle_bn_splits = shuffle_bn_splits
         self.shuffle_seed = shuffle_seed
         self.shuffle_calls = 0  # cross-process shuffles so far; saved as extra state so a resume repeats them
@@ -156,7 +173,17 @@ class ReSSL(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config) -> ReSSL:
-        """Build from the flat training config (the keys of the same names)."""
+        """Build from the flat training config (the keys of the same names).
+
+        Raises:
+            ConfigError: ``shuffle_bn_splits`` does not divide the per-process batch.
+        """
+        world, _ = _world()  # Accelerate has started the process group by now, if there is one
+        per_process = cfg.batch_size // world
+        if per_process % cfg.shuffle_bn_splits:
+            raise ConfigError(f"shuffle_bn_splits={cfg.shuffle_bn_splits} must divide the per-process batch "
+                              f"{per_process} (batch_size={cfg.batch_size} over {world} processes): BN groups "
+                              f"are equal slices of it")
         model = cls(
             backbone=cfg.backbone, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim, predictor=cfg.predictor,
             pred_hidden=cfg.pred_hidden, queue_size=cfg.queue_size, tau_s=cfg.tau_s, tau_t=cfg.tau_t,
@@ -167,22 +194,40 @@ class ReSSL(nn.Module):
         return model
 
     def _embed_student(self, views: list[Tensor]) -> list[Tensor]:
-        """Student outputs per view, one forward per distinct resolution (multi-crop batching)."""
+        """Student outputs per view, one forward per distinct resolution (multi-crop batching).
+
+        Shuffle-BN, student side: each view's rows fall into ``shuffle_bn_splits`` contiguous groups
+        (rows ``0 .. B/n - 1``, then the next ``B/n``, ...), each with its own BatchNorm statistics, in
+        the same forward. The split layers group rows by index mod G, so the rows are interleaved
+        before the forward (contiguous group k becomes rows k, k + G, ...) and put back after it.
+        """
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, v in enumerate(views):
             groups.setdefault(tuple(v.shape[1:]), []).append(i)
         out: list[Tensor | None] = [None] * len(views)
         for idx in groups.values():
             x = views[idx[0]] if len(idx) == 1 else torch.cat([views[i] for i in idx])
-            n = self._bn_groups(views[idx[0]].shape[0])
-            # shuffle-BN, student side: contiguous groups of rows (the teacher's groups are strided)
-            z = self.student(x) if n == 1 else torch.cat([self.student(c) for c in x.chunk(n * len(idx))])
+            g = self._bn_groups(views[idx[0]].shape[0]) * len(idx)
+            if g == 1:
+                z = self.student(x)
+            else:
+                xi = _interleave(x, g)
+                if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                    xi = xi.contiguous(memory_format=torch.channels_last)  # keep the layout the model expects
+                with bn_splits(self.student, g):
+                    z = self.student(xi)
+                z = _interleave(z, z.shape[0] // g)  # the inverse: rows back in input order
             for i, zi in zip(idx, z.split([views[i].shape[0] for i in idx])):
                 out[i] = zi
         return out  # type: ignore[return-value]
 
     def _bn_groups(self, batch: int) -> int:
-        return min(self.shuffle_bn_splits, batch) if self.training else 1
+        """BN groups per view for a process batch of ``batch`` rows: ``shuffle_bn_splits`` in training."""
+        n = self.shuffle_bn_splits if self.training else 1
+        if batch % n:
+            raise ValueError(f"shuffle_bn_splits={n} needs a per-process batch divisible by {n}, got {batch} "
+                             f"rows (equal BN groups)")
+        return n
 
     def _embed_teacher(self, weak: Tensor) -> Tensor:
         """Teacher outputs for ``weak`` in input order, BN statistics from shuffled groups (shuffle-BN).
@@ -212,15 +257,16 @@ class ReSSL(nn.Module):
         return shuffled[torch.argsort(perm)].view(world, b, -1)[rank]
 
     def _embed_teacher_local(self, weak: Tensor) -> Tensor:
-        """Teacher outputs for ``weak`` in input order, BN statistics from strided groups of rows."""
+        """Teacher outputs for ``weak`` in input order, BN statistics from strided groups of rows.
+
+        Group j holds rows j, j + n, j + 2n, ... (n = ``shuffle_bn_splits``): the grouping of the split
+        BatchNorm layers, so the batch goes through unchanged in one forward.
+        """
         n = self._bn_groups(weak.shape[0])
         if n == 1:
             return self.teacher(weak)
-        parts = [self.teacher(weak[j::n]) for j in range(n)]
-        out = parts[0].new_empty((weak.shape[0], *parts[0].shape[1:]))
-        for j, part in enumerate(parts):
-            out[j::n] = part
-        return out
+        with bn_splits(self.teacher, n):
+            return self.teacher(weak)
 
     def get_extra_state(self) -> dict[str, int]:
         """Saved in ``state_dict()``: the count of cross-process shuffles, so a resumed run repeats them."""

@@ -1,13 +1,18 @@
 """ReSSL module: loss composition, variants (predictor, InfoNCE warm-up, w_sim, multi-crop), update, DDP."""
 
+import copy
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ressl.config import Config
+from ressl.config import Config, ConfigError
 from ressl.loss import infonce_loss, relation_loss, similarity_loss
 from ressl.method import BACKBONE_PREFIX, ReSSL, infonce_weight
+from ressl.models import build_model
 
 B, S = 4, 8
 
@@ -19,6 +24,14 @@ def _model(**over):
     kw.update(over)
     torch.manual_seed(0)
     return ReSSL(**kw).train()
+
+
+def _tool_module(name):
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"ressl_tools_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _views(n_strong=1, sizes=None, seed=1):
@@ -304,3 +317,127 @@ def test_decay_norm_bias_decays_every_parameter():
     assert [len(g["params"]) for g in plain] == [len(g["params"]) for g in every]
     assert [g["weight_decay"] for g in plain] == [5e-4, 0.0]
     assert [g["weight_decay"] for g in every] == [5e-4, 5e-4]
+
+
+# --- split BatchNorm: shuffle-BN in one forward ------------------------------------------------------
+def _reference_student(model, views):
+    """The n-forward shuffle-BN the split layers replaced: the student run on each contiguous chunk of rows
+    (outside ``bn_splits`` the split layers are plain BatchNorm)."""
+    out = [None] * len(views)
+    by_size = {}
+    for i, v in enumerate(views):
+        by_size.setdefault(tuple(v.shape[1:]), []).append(i)
+    for idx in by_size.values():
+        x = torch.cat([views[i] for i in idx])
+        z = torch.cat([model.student(c) for c in x.chunk(model.shuffle_bn_splits * len(idx))])
+        for i, zi in zip(idx, z.split([views[i].shape[0] for i in idx])):
+            out[i] = zi
+    return out
+
+
+def _reference_teacher(model, weak):
+    """The n-forward teacher: one forward per strided group of rows j, j + n, ..., keys put back in order."""
+    n = model.shuffle_bn_splits
+    out = None
+    for j in range(n):
+        part = model.teacher(weak[j::n])
+        out = part.new_empty((weak.shape[0], *part.shape[1:])) if out is None else out
+        out[j::n] = part
+    return out
+
+
+def test_split_batchnorm_losses_and_gradients_equal_the_n_forward_implementation():
+    """One forward per encoder and resolution gives the losses, keys and gradients of running the encoders
+    on every BN group separately (predictor BN and multi-crop included). Float64 encoders: groups of 2
+    images at layer4's 1x1 make BN's gradient ill-conditioned, so float32 agrees only to about 1e-4."""
+    b = 8
+    model = _model(backbone="resnet18_w32", shuffle_bn_splits=4, predictor=True, w_sim=0.5).double()
+    reference = copy.deepcopy(model)
+    reference._embed_student = lambda views: _reference_student(reference, views)
+    reference._embed_teacher_local = lambda weak: _reference_teacher(reference, weak)
+    g = torch.Generator().manual_seed(3)
+    weak = torch.randn(b, 3, 8, 8, generator=g, dtype=torch.float64)
+    strong = [torch.randn(b, 3, s, s, generator=g, dtype=torch.float64) for s in (8, 4, 8)]
+    calls = []
+    hooks = [model.student.backbone.register_forward_hook(lambda m, i, o: calls.append("student")),
+             model.teacher.backbone.register_forward_hook(lambda m, i, o: calls.append("teacher"))]
+    loss, metrics = model(weak, strong, infonce_weight=0.3)
+    for h in hooks:
+        h.remove()
+    assert sorted(calls) == ["student", "student", "teacher"]  # one pass per resolution, one for the teacher
+    ref_loss, ref_metrics = reference(weak, strong, infonce_weight=0.3)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], ref_metrics[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model._keys, reference._keys, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    ref_loss.backward()
+    grads = dict(reference.student.named_parameters())
+    for name, p in model.student.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-9, msg=name)
+    # the groups matter: whole-batch statistics give another loss
+    unsplit = _model(backbone="resnet18_w32", predictor=True, w_sim=0.5).double()
+    unsplit.load_state_dict(model.state_dict())
+    assert not torch.allclose(unsplit(weak, strong, infonce_weight=0.3)[0], loss, rtol=1e-3)
+
+
+def _changed_rows(embed, x, row):
+    """Rows of ``embed(x)`` that move when only input row ``row`` changes: its BN group."""
+    with torch.no_grad():
+        base = embed(x)
+        moved = x.clone()
+        moved[row] += 5.0
+        return set(torch.nonzero((embed(moved) - base).abs().amax(dim=1) > 1e-5).flatten().tolist())
+
+
+def test_student_and_teacher_groups_share_one_nth_of_each_image_group():
+    """Student BN groups are contiguous rows, teacher groups strided rows: with n groups of B/n an image
+    shares B/n^2 rows, 1/n of its group, with the other branch (MoCo's shuffle-BN on one device)."""
+    b, n = 32, 4
+    model = _model(shuffle_bn_splits=n)
+    x = torch.randn(b, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    for row in (0, 13, 30):
+        student = _changed_rows(lambda v: model._embed_student([v])[0], x, row)
+        teacher = _changed_rows(model._embed_teacher_local, x, row)
+        assert student == set(range(row // (b // n) * (b // n), (row // (b // n) + 1) * (b // n)))
+        assert teacher == set(range(row % n, b, n))
+        assert len(student & teacher) == b // n**2 == len(student) // n
+
+
+def test_split_model_state_dict_is_the_plain_models_and_exports_to_torchvision():
+    """Same keys, shapes and EMA pairs as without splits; the exported backbone loads into the plain
+    torchvision-built model and gives the same eval outputs."""
+    export = _tool_module("export")
+    model = _model(shuffle_bn_splits=8, predictor=True)
+    plain = _model(predictor=True)
+    assert {k: v.shape for k, v in model.state_dict().items() if k != "_extra_state"} == \
+        {k: v.shape for k, v in plain.state_dict().items() if k != "_extra_state"}
+    assert [n for n, _ in model.named_buffers()] == [n for n, _ in plain.named_buffers()]
+    weak = torch.randn(16, 3, 8, 8)
+    model(weak, [weak.flip(-1)])  # train-mode forwards move the running statistics
+    model.update(0.0)  # EMA: teacher parameters := student's; buffers are the teacher's own
+    for (name, t), (_, s) in zip(model.teacher.named_parameters(), model.student.named_parameters()):
+        assert torch.equal(t, s), name
+    assert not torch.equal(model.teacher.backbone.bn1.running_mean, model.student.backbone.bn1.running_mean)
+    state = export.backbone_state_dict(model.state_dict())
+    assert export.check_loads(state, "resnet18_cifar") == ["fc.weight", "fc.bias"]
+    target = build_model("resnet18_cifar")
+    target.load_state_dict(state, strict=False)
+    target.fc = torch.nn.Identity()
+    model.eval()
+    target.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(target(weak), model.student.backbone(weak))
+
+
+def test_split_batch_must_divide_into_groups():
+    model = _model(shuffle_bn_splits=4)
+    weak, strong = _views()  # B = 4
+    with pytest.raises(ValueError, match="shuffle_bn_splits=4 needs a per-process batch divisible by 4, got 6"):
+        model(torch.cat([weak, weak[:2]]), [torch.cat([strong[0], strong[0][:2]])])
+    model.eval()
+    model(weak[:3], [strong[0][:3]])  # eval: plain BatchNorm, any batch
+    cfg = Config(backbone="resnet18_cifar", proj_hidden=32, proj_dim=16, queue_size=48, batch_size=12,
+                 shuffle_bn_splits=8, recipe="cifar32").validate()
+    with pytest.raises(ConfigError, match="shuffle_bn_splits=8 must divide the per-process batch 12"):
+        ReSSL.from_config(cfg)

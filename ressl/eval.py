@@ -6,11 +6,13 @@ training is the number a checkpoint evaluates to.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import zipfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +24,8 @@ from .config import Config, ConfigError
 from .io import atomic_open
 
 __all__ = [
+    "Checkpoint",
+    "read_checkpoint",
     "load_checkpoint",
     "extract_features",
     "knn_accuracy",
@@ -35,22 +39,42 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config]:
-    """The ReSSL state_dict and Config of a trainer checkpoint, read with ``weights_only=True``."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A trainer checkpoint as evaluation needs it: weights, config and what identifies the file."""
+
+    model: dict[str, torch.Tensor]
+    config: Config
+    step: int | None  # optimiser steps trained (None: a file without the trainer's "step" entry)
+    sha256: str  # of the bytes that were loaded
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a trainer checkpoint with ``weights_only=True`` and hash the same bytes.
+
+    The file is opened once: the hash and the weights come from one inode even when a running trainer
+    renames a newer checkpoint over ``path`` meanwhile, so a result keyed by this hash is of these weights.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - torch raises several types; its message suggests an unsafe load
-        # The file is never unpickled beyond tensors and plain containers; say what it is not, and
-        # drop torch's message (it recommends loading the untrusted file with arbitrary code).
-        if zipfile.is_zipfile(path):
-            what = ("a torch.save archive that holds Python objects other than tensors and plain containers, "
-                    "which a checkpoint of tools/train.py never holds")
-        else:
-            what = f"not a torch.save file at all (no zip archive; {path.stat().st_size} bytes)"
-        raise ConfigError(f"{path} is not a trainer checkpoint: it is {what}; it was not loaded") from None
+    with open(path, "rb") as f:
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+        f.seek(0)
+        try:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - torch raises several types; its message suggests an unsafe load
+            # The file is never unpickled beyond tensors and plain containers; say what it is not, and
+            # drop torch's message (it recommends loading the untrusted file with arbitrary code).
+            f.seek(0)
+            if zipfile.is_zipfile(f):
+                what = ("a torch.save archive that holds Python objects other than tensors and plain containers, "
+                        "which a checkpoint of tools/train.py never holds")
+            else:
+                what = f"not a torch.save file at all (no zip archive; {os.fstat(f.fileno()).st_size} bytes)"
+            raise ConfigError(f"{path} is not a trainer checkpoint: it is {what}; it was not loaded") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ConfigError(f"{path}: expected a trainer checkpoint dict with keys 'model' and 'config', got {found}")
@@ -61,7 +85,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], C
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: config has keys this version does not know: {unknown}")
-    return ckpt["model"], Config(**raw).validate()
+    step = ckpt.get("step")
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+        raise ConfigError(f"{path}: 'step' must be a non-negative int, got {step!r}")
+    return Checkpoint(ckpt["model"], Config(**raw).validate(), step, digest.hexdigest())
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Config]:
+    """The ReSSL state_dict and Config of a trainer checkpoint, read with ``weights_only=True``."""
+    ckpt = read_checkpoint(path)
+    return ckpt.model, ckpt.config
 
 
 @torch.no_grad()

@@ -223,14 +223,15 @@ def test_eval_tool_end_to_end_on_image_folder(tmp_path, image_folder):
     ckpt, _ = _checkpoint(tmp_path, data=str(image_folder), predictor=True)
     result = _tool("eval").main(["--ckpt", str(ckpt), "--probe-epochs", "3", "--num-workers", "0",
                                  "--batch-size", "8", "--device", "cpu"])
-    saved = json.loads((tmp_path / "eval.json").read_text())
+    saved = json.loads((tmp_path / "eval.json").read_text())["results"]["student/full/step3"]
     assert saved["num_train"] == 24 and saved["num_val"] == 12
     for key in ("knn_top1", "linear_top1", "linear_top5"):
         assert 0.0 <= saved[key] <= 100.0 and saved[key] == result[key]
     assert saved["linear_top5"] == 100.0  # 3 classes: top-5 covers all
     assert saved["probe"].startswith("full (paper") and 1 <= saved["linear_best_epoch"] <= 3  # the default
     assert saved["linear_best_top1"] >= saved["linear_top1"]
-    assert (tmp_path / "tsne.png").read_bytes()[:4] == b"\x89PNG"
+    assert (saved["knn_k"], saved["knn_t"]) == (200, 0.07)  # the run's values, recorded
+    assert (tmp_path / "tsne-student-step3.png").read_bytes()[:4] == b"\x89PNG"
     state = torch.load(ckpt, weights_only=True)
     del state["model"]["_extra_state"]  # a checkpoint from before the shuffle counter still evaluates
     torch.save(state, ckpt)
@@ -240,3 +241,101 @@ def test_eval_tool_end_to_end_on_image_folder(tmp_path, image_folder):
     assert "| linear top-1, fast (cached" in _tool("eval").format_table(fast)
     with pytest.raises(FileNotFoundError, match="ImageFolder"):
         _tool("eval").main(["--ckpt", str(ckpt), "--data", str(tmp_path), "--no-tsne"])
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_eval_results_are_keyed_by_producer_and_never_overwritten(tmp_path, image_folder):
+    ckpt, _ = _checkpoint(tmp_path, data=str(image_folder))
+    common = ["--ckpt", str(ckpt), "--probe-epochs", "2", "--num-workers", "0", "--batch-size", "8", "--device",
+              "cpu", "--no-tsne"]
+    eval_json = tmp_path / "eval.json"
+    fast = _tool("eval").main([*common, "--probe", "fast"])
+    teacher = _tool("eval").main([*common, "--branch", "teacher", "--probe", "none", "--knn-k", "3"])
+    results = json.loads(eval_json.read_text())["results"]
+    assert list(results) == ["student/fast/step3", "teacher/none/step3"]
+    assert results["student/fast/step3"]["linear_top1"] == fast["linear_top1"]  # the probe figures survive
+    assert "linear_top1" not in results["teacher/none/step3"] and results["teacher/none/step3"]["knn_k"] == 3
+    for r in results.values():
+        assert r["step"] == 3 and r["ckpt_sha256"] == _sha256(ckpt) and r["ckpt"] == str(ckpt)
+    assert teacher["key"] == "teacher/none/step3"
+    # the same producer again replaces its own entry only; a later checkpoint adds its own
+    again = _tool("eval").main([*common, "--probe", "fast", "--knn-k", "5"])
+    state = torch.load(ckpt, weights_only=True)
+    state["step"] = 10
+    torch.save(state, ckpt)
+    _tool("eval").main([*common, "--probe", "none"])
+    results = json.loads(eval_json.read_text())["results"]
+    assert list(results) == ["teacher/none/step3", "student/fast/step3", "student/none/step10"]
+    assert results["student/fast/step3"]["knn_k"] == 5 == again["knn_k"]
+    assert results["student/none/step10"]["ckpt_sha256"] == _sha256(ckpt) != results["teacher/none/step3"][
+        "ckpt_sha256"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp or lock file left
+
+
+def test_eval_json_of_an_earlier_version_is_kept_and_a_foreign_one_refused(tmp_path, image_folder):
+    ckpt, _ = _checkpoint(tmp_path, data=str(image_folder))
+    flat = {"knn_top1": 50.0, "probe": _tool("eval").PROBES["full"], "linear_top1": 60.0, "branch": "student"}
+    (tmp_path / "eval.json").write_text(json.dumps(flat))
+    _tool("eval").main(["--ckpt", str(ckpt), "--probe", "none", "--num-workers", "0", "--batch-size", "8",
+                        "--device", "cpu", "--no-tsne"])
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert results["student/full/step-unrecorded"] == flat and "student/none/step3" in results
+    (tmp_path / "eval.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot be read as JSON.*not overwritten"):
+        _tool("eval").main(["--ckpt", str(ckpt), "--probe", "none", "--device", "cpu"])
+    assert (tmp_path / "eval.json").read_text() == "{not json"
+
+
+def test_checkpoint_without_a_step_is_keyed_by_its_hash(tmp_path, image_folder):
+    ckpt, _ = _checkpoint(tmp_path, data=str(image_folder))
+    state = torch.load(ckpt, weights_only=True)
+    del state["step"]
+    torch.save(state, ckpt)
+    res = _tool("eval").main(["--ckpt", str(ckpt), "--probe", "none", "--num-workers", "0", "--batch-size", "8",
+                              "--device", "cpu"])
+    assert res["key"] == f"student/none/sha256-{_sha256(ckpt)[:12]}" and res["step"] is None
+    assert (tmp_path / f"tsne-student-sha256-{_sha256(ckpt)[:12]}.png").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--knn-k", "-5"], "--knn-k must be >= 1"),
+    (["--knn-k", "0"], "--knn-k must be >= 1 (omit it to use the run's knn_k)"),
+    (["--knn-t", "0"], "--knn-t must be a finite number > 0"),
+    (["--probe-lr", "nan"], "--probe-lr must be a finite number > 0"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
+    (["--device", "tpu"], "--device expects cpu, cuda or cuda:N"),
+    (["--out-dir", "FILE"], "is a file; expected a directory"),
+    (["--out-dir", "FILE/sub"], "cannot be created"),
+])
+def test_bad_options_fail_before_any_feature_is_extracted(tmp_path, image_folder, argv, message):
+    ckpt, _ = _checkpoint(tmp_path, data=str(image_folder))
+    (tmp_path / "FILE").write_text("x")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+
+    def no_loader(*a, **kw):
+        pytest.fail("a loader was built before the bad option was refused")
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _tool("eval").main(["--ckpt", str(ckpt), "--device", "cpu", *argv], build_eval_loader=no_loader)
+
+
+def test_cuda_device_without_cuda_is_refused_before_work(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    with pytest.raises(ConfigError, match="--device cuda: torch sees no CUDA device"):
+        _tool("eval").main(["--ckpt", str(tmp_path / "missing.pt"), "--device", "cuda"])  # before the file is read
+
+
+def test_eval_command_line_errors_are_one_line_exit_2(tmp_path, capsys):
+    from ressl.config import run_tool
+
+    ckpt, _ = _checkpoint(tmp_path)
+    with pytest.raises(SystemExit) as exc:  # what `python tools/eval.py ...` runs
+        run_tool(lambda: _tool("eval").main(["--ckpt", str(ckpt), "--knn-k", "-5", "--device", "cpu"]))
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: --knn-k must be >= 1 (omit it to use the run's knn_k), got -5\n"

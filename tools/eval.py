@@ -10,14 +10,24 @@ see ``pipelines/eval.py``), read at the recipe's weak-view size with its normali
 ``full`` (the default) is the paper's protocol: frozen backbone and BN, fresh random-resized-crop +
 flip views every epoch, a Linear layer, SGD momentum 0.9, lr 0.3 per 256, cosine, 100 epochs; the final
 and the best epoch are reported. ``fast`` trains on standardised features cached once (center crops):
-a quick estimate, named as such in ``eval.json`` and the printed table. Results go to ``eval.json`` and
-``tsne.png`` next to the checkpoint (``--out-dir``).
+a quick estimate, named as such in ``eval.json`` and the printed table.
+
+Results go next to the checkpoint (``--out-dir``): ``eval.json`` keeps one entry per producer,
+``"BRANCH/PROBE/stepN"`` (``student/fast/step1320``; ``.../sha256-PREFIX`` for a file without a step), each
+with the checkpoint's step and the sha256 of its bytes; an evaluation adds or replaces only its own entry,
+so ``--probe fast`` then ``--branch teacher --probe none`` keeps both. The t-SNE picture is
+``tsne-BRANCH-stepN.png``. Bad options, an unusable ``--out-dir`` or an unreadable ``eval.json`` stop the tool
+before any feature is extracted.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import fcntl
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -33,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipelines.spec import RecipeError, resolve_recipe  # noqa: E402
 from ressl.config import Config, ConfigError, run_tool  # noqa: E402
 from ressl.eval import (  # noqa: E402
+    Checkpoint,
     extract_features,
     knn_accuracy,
     linear_probe,
     linear_probe_augmented,
-    load_checkpoint,
+    read_checkpoint,
     tsne_plot,
 )
 from ressl.io import atomic_write_json  # noqa: E402
@@ -45,7 +56,8 @@ from ressl.method import ReSSL  # noqa: E402
 
 log = logging.getLogger("eval")
 
-__all__ = ["PROBES", "load_model", "evaluate", "format_table", "main"]
+__all__ = ["PROBES", "EVAL_SCHEMA", "result_key", "read_results", "record_result", "load_model", "evaluate",
+           "format_table", "main"]
 
 Loader = Iterable[tuple[Tensor, Tensor]]
 
@@ -53,10 +65,62 @@ Loader = Iterable[tuple[Tensor, Tensor]]
 PROBES = {"full": "full (paper: frozen backbone, augmented crops each epoch)",
           "fast": "fast (cached center-crop features, standardised)"}
 
+EVAL_SCHEMA = 2  # eval.json: {"schema": 2, "results": {key: record}}; 1 was one flat record, overwritten each time
+
+
+def result_key(branch: str, probe: str, step: int | None, sha256: str) -> str:
+    """The ``eval.json`` key of an evaluation: what produced it (branch, probe, checkpoint step).
+
+    A checkpoint without a recorded step is named by its hash instead, never merged with another file's.
+    """
+    return f"{branch}/{probe}/" + (f"step{step}" if step is not None else f"sha256-{sha256[:12]}")
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """The ``eval.json`` at ``path`` as ``{"schema", "results"}`` ({} results when absent).
+
+    A schema-1 file (one flat record from an earlier version) is kept as the entry
+    ``BRANCH/PROBE/step-unrecorded``. Anything else is refused rather than overwritten.
+    """
+    if not path.exists():
+        return {"schema": EVAL_SCHEMA, "results": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path} exists but cannot be read as JSON ({e}); it holds earlier results, so it is "
+                          "not overwritten: move it away or pass --out-dir") from None
+    if isinstance(data, dict) and isinstance(data.get("results"), dict):
+        return {"schema": EVAL_SCHEMA, "results": data["results"]}
+    if isinstance(data, dict) and "knn_top1" in data:  # schema 1
+        probe = next((k for k, v in PROBES.items() if v == data.get("probe")), "none")
+        return {"schema": EVAL_SCHEMA, "results": {f"{data.get('branch', 'student')}/{probe}/step-unrecorded": data}}
+    raise ConfigError(f"{path} is not an eval.json of tools/eval.py (expected an object with 'results'); "
+                      "it is not overwritten: move it away or pass --out-dir")
+
+
+def record_result(path: Path, key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Add or replace the entry ``key`` of ``eval.json``, keeping every other entry; returns the file's content.
+
+    The file is re-read and rewritten (atomically) under an exclusive lock on its directory, so two
+    evaluations finishing at once both keep their entries.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, also if this process dies
+        data = read_results(path)
+        data["results"].pop(key, None)
+        data["results"][key] = record  # the newest entry last
+        atomic_write_json(path, data)
+    finally:
+        os.close(fd)
+    return data
+
 
 def format_table(result: dict[str, Any]) -> str:
     """The figures of :func:`evaluate` as a small markdown table."""
-    rows = [("kNN top-1", f"{result['knn_top1']:.2f}")]
+    knn = "kNN top-1" + (f" (k={result['knn_k']}, T={result['knn_t']:g})" if "knn_k" in result else "")
+    rows = [(knn, f"{result['knn_top1']:.2f}")]
     if "linear_top1" in result:
         rows += [(f"linear top-1, {result['probe']}", f"{result['linear_top1']:.2f}"),
                  ("linear top-5", f"{result['linear_top5']:.2f}")]
@@ -65,9 +129,10 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(["| metric | % |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def load_model(ckpt: str | os.PathLike, branch: str = "student") -> tuple[nn.Module, int, Config]:
+def load_model(ckpt: str | os.PathLike | Checkpoint, branch: str = "student") -> tuple[nn.Module, int, Config]:
     """Backbone of a trainer checkpoint (student by default, as the paper evaluates), its width, config."""
-    state, cfg = load_checkpoint(ckpt)
+    loaded = ckpt if isinstance(ckpt, Checkpoint) else read_checkpoint(ckpt)
+    state, cfg = loaded.model, loaded.config
     model = ReSSL.from_config(cfg)
     # checkpoints written before the cross-process shuffle counter existed: it plays no part in evaluation
     state.setdefault("_extra_state", {"shuffle_calls": 0})
@@ -120,6 +185,7 @@ def evaluate(
     num_classes = int(max(int(train_y.max()), int(val_y.max()))) + 1
     train_f = torch.nn.functional.normalize(train_raw, dim=1)
     val_f = torch.nn.functional.normalize(val_raw, dim=1)
+    out["knn_k"], out["knn_t"] = knn_k, knn_t
     out["knn_top1"] = knn_accuracy(train_f, train_y, val_f, val_y, k=knn_k, t=knn_t, num_classes=num_classes)
     log.info("kNN (k=%d, t=%g) top-1: %.2f%%", knn_k, knn_t, out["knn_top1"])
     if probe != "none":
@@ -143,8 +209,40 @@ def evaluate(
     return out
 
 
+def _check_device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ConfigError(f"--device expects cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device expects cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: torch sees no CUDA device on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """An output directory that exists (or can be made) and is writable; refused before any work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {str(out_dir)!r} is a file; expected a directory for eval.json and the "
+                          "t-SNE picture")
+    parent = out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out-dir {str(out_dir)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out-dir {str(out_dir)!r}: {str(parent)!r} is not writable")
+
+
 def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader] | None = None) -> dict[str, Any]:
-    """Command line entry; ``build_eval_loader`` defaults to ``pipelines.eval.build_eval_loader``."""
+    """Command line entry; ``build_eval_loader`` defaults to ``pipelines.eval.build_eval_loader``.
+
+    Returns the record written to ``eval.json`` under its key (``record["key"]``).
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="trainer checkpoint (runs/NAME/last.pt)")
     p.add_argument("--data", default=None, help="dataset directory with train/ and val/ (default: the run's)")
@@ -156,19 +254,37 @@ def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader]
     p.add_argument("--probe-epochs", type=int, default=100)
     p.add_argument("--probe-lr", type=float, default=0.3, help="per 256 images")
     p.add_argument("--probe-batch", type=int, default=256)
-    p.add_argument("--knn-k", type=int, default=None, help="default: the run's knn_k")
-    p.add_argument("--knn-t", type=float, default=None, help="default: the run's knn_t")
+    p.add_argument("--knn-k", type=int, default=None,
+                   help="neighbours, >= 1 (default: the run's knn_k; the value used is printed and saved)")
+    p.add_argument("--knn-t", type=float, default=None, help="temperature, > 0 (default: the run's knn_t)")
     p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-tsne", action="store_true")
-    p.add_argument("--out-dir", default=None, help="where eval.json and tsne.png go (default: next to --ckpt)")
+    p.add_argument("--out-dir", default=None,
+                   help="where eval.json and the t-SNE picture go (default: next to --ckpt)")
     args = p.parse_args(argv)
-    for key in ("probe_epochs", "probe_batch", "batch_size"):
-        if getattr(args, key) <= 0:
-            p.error(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    # --- every option checked before the checkpoint is read or a feature extracted -----------------------
+    for key in ("probe_epochs", "probe_batch", "batch_size", "knn_k"):
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            hint = " (omit it to use the run's knn_k)" if key == "knn_k" else ""
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1{hint}, got {value}")
+    for key in ("probe_lr", "knn_t"):
+        value = getattr(args, key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{key.replace('_', '-')} must be a finite number > 0, got {value}")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
+    device = _check_device(args.device)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.ckpt).resolve().parent
+    _check_out_dir(out_dir)
+    eval_json = out_dir / "eval.json"
+    read_results(eval_json)  # an unreadable file is refused now, not after the work
 
-    backbone, feat_dim, cfg = load_model(args.ckpt, args.branch)
+    ckpt = read_checkpoint(args.ckpt)
+    backbone, feat_dim, cfg = load_model(ckpt, args.branch)
+    key = result_key(args.branch, args.probe, ckpt.step, ckpt.sha256)
     data = Path(args.data or cfg.data)
     train_split = args.train_split or ("train" if cfg.train_split == "unlabeled" else cfg.train_split)
     from pipelines.eval import eval_problem
@@ -180,7 +296,6 @@ def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader]
                                 f"splits (--data, --train-split, --val-split): {problem}")
     if build_eval_loader is None:
         from pipelines.eval import build_eval_loader
-    device = torch.device(args.device)
     backbone.to(device)
     try:
         spec = resolve_recipe(cfg.recipe, cfg.recipe_overrides)  # the run's recipe, its overrides included
@@ -191,20 +306,26 @@ def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader]
     train_loader = build_eval_loader(str(data), train_split, **kw)
     val_loader = build_eval_loader(str(data), args.val_split, **kw)
     aug = build_eval_loader(str(data), train_split, train_aug=True, **kw) if args.probe == "full" else None
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.ckpt).resolve().parent
     class_names = train_classes(data)  # the list every split's labels index into
+    tsne = out_dir / f"tsne-{args.branch}-{key.rsplit('/', 1)[1]}.png"  # the probe plays no part in it
+    log.info("evaluating %s (step %s, sha256 %s), %s branch, as %s", args.ckpt, ckpt.step, ckpt.sha256[:12],
+             args.branch, key)
     result = evaluate(
         backbone, feat_dim, train_loader, val_loader,
-        knn_k=args.knn_k or cfg.knn_k, knn_t=args.knn_t or cfg.knn_t, probe=args.probe,
-        probe_epochs=args.probe_epochs, probe_lr=args.probe_lr, probe_batch=args.probe_batch,
-        aug_train_loader=aug, tsne_path=None if args.no_tsne else out_dir / "tsne.png", class_names=class_names,
+        knn_k=cfg.knn_k if args.knn_k is None else args.knn_k, knn_t=cfg.knn_t if args.knn_t is None else args.knn_t,
+        probe=args.probe, probe_epochs=args.probe_epochs, probe_lr=args.probe_lr, probe_batch=args.probe_batch,
+        aug_train_loader=aug, tsne_path=None if args.no_tsne else tsne, class_names=class_names,
     )
-    result.update(ckpt=str(args.ckpt), branch=args.branch, backbone=cfg.backbone, data=str(data),
-                  probe_epochs=args.probe_epochs)
-    atomic_write_json(out_dir / "eval.json", result)
-    print(format_table(result))
-    log.info("wrote %s", out_dir / "eval.json")
-    return result
+    record = {"key": key, "ckpt": str(args.ckpt), "ckpt_sha256": ckpt.sha256, "step": ckpt.step,
+              "branch": args.branch, **result, "backbone": cfg.backbone, "data": str(data),
+              "train_split": train_split, "val_split": args.val_split,
+              "probe_epochs": args.probe_epochs if args.probe != "none" else None,
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    record_result(eval_json, key, record)
+    print(f"{args.ckpt} (step {ckpt.step}, sha256 {ckpt.sha256[:12]}), {args.branch}:")
+    print(format_table(record))
+    log.info("wrote %s [%s]", eval_json, key)
+    return record
 
 
 if __name__ == "__main__":

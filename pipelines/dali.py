@@ -6,7 +6,8 @@ only difference between the two is :func:`_decoder_device` and the ``device_id``
 
 Per view, the spec's order (crop -> flip -> jitter -> grayscale -> blur -> solarize -> normalise) becomes::
 
-    random resized crop   on the image decoded once for all views (or fused into the decoder)
+    resized crop          resize with the drawn ROI, on the image decoded once for all views (or a
+                          decode of the crop window alone, ``decoders.image_slice``)
     brightness_contrast   jitter's brightness and contrast, pivot = the image's mean grey (torchvision's)
     color_twist           jitter's saturation and hue (degrees) AND grayscale (saturation 0)
     gaussian_blur         per-sample sigma, window 2*ceil(3 sigma)+1 capped at the spec's window
@@ -14,14 +15,19 @@ Per view, the spec's order (crop -> flip -> jitter -> grayscale -> blur -> solar
     crop_mirror_normalize flip + normalise + layout + dtype in one pass
 
 Flip moves to the end: it commutes with every colour op and with the symmetric blur, so the result is
-the spec's. Probabilities are coin flips: jitter and grayscale fold into the ops' factors (1 / hue 0
-when off, saturation 0 when grey); blur and solarize sit under DALI conditionals so unselected samples
-cost nothing. Colour ops run after the crop, on output-size pixels only.
+the spec's. Every random choice — crop box, flip, jitter factors, grayscale, blur and its sigma,
+solarize — is drawn outside the graph by :mod:`pipelines.draw` from (seed, epoch, sample index, view)
+and fed in by the source as per-sample argument inputs: the values the torchvision and FFCV backends
+use for the same sample, whatever the thread count, prefetch depth or world size. Jitter and grayscale
+fold into the ops' factors (1 / hue 0 when off, saturation 0 when grey); blur and solarize sit under
+DALI conditionals so unselected samples cost nothing. Colour ops run after the crop, on output-size
+pixels only. Crop boxes are drawn on the stored height x width (read once per sample from the encoded
+header), so the decoders leave EXIF orientation alone, as PIL and FFCV do.
 
-Known, accepted differences from torchvision (the parity test compares statistics, not pixels): the
-four jitter factors are applied in one fixed order instead of a random one, and hue rotates in YIQ
-space (DALI) instead of HSV (a few grey levels on saturated colours). The blur window is the 3-sigma
-one (at most the spec's): it drops < 0.3% of the kernel's mass per axis and costs 5x less than 23 taps.
+Known, accepted differences from torchvision (the parity test compares statistics, not pixels): hue
+rotates in YIQ space (DALI) instead of HSV (a few grey levels on saturated colours), and resampling
+differs in the last grey level. The blur window is the 3-sigma one (at most the spec's): it drops
+< 0.3% of the kernel's mass per axis and costs 5x less than 23 taps.
 
 Reading, order and resume. The pipeline's input is an index-driven ``fn.external_source``: batch
 ``b`` of epoch ``e`` is the samples :func:`pipelines.folder.epoch_order` gives this rank (one global
@@ -41,12 +47,14 @@ good samples, so all processes step together with a full global batch.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -60,6 +68,7 @@ except ImportError as e:  # pragma: no cover - exercised only where DALI is abse
     ) from e
 
 from .batch import Batch, LoaderConfig
+from .draw import view_crops, view_decisions
 from .folder import epoch_order, train_classes
 from .samples import RecordSamples, Samples, TreeSamples, bad_samples
 from .spec import RecipeSpec, ViewSpec
@@ -78,24 +87,42 @@ def _decoder_device(gpu: bool) -> str:
     return "mixed" if gpu else "cpu"
 
 
-def _crop(encoded, decoded, view: ViewSpec, gpu: bool):
-    """Random resized crop to ``view.size``: fused into the decoder when ``decoded`` is None."""
-    area, aspect = list(view.scale), list(view.ratio)
+# Per view, the parameters the source hands the graph (one [B] or [B,2] array each), from pipelines.draw.
+PARAMS = ("roi_start", "roi_end", "flip", "brightness", "contrast", "saturation", "hue", "blur", "sigma", "solarize")
+_PARAM_TYPES = {"flip": types.INT32, "blur": types.BOOL, "solarize": types.BOOL}
+# nvJPEG scratch sizes of DALI's own ResNet-50 example (bytes): large enough that the decoder does not
+# reallocate for ImageNet-size images after the first batches.
+_MIXED_HINTS = dict(device_memory_padding=211_025_920, host_memory_padding=140_544_512)
+
+
+def used_params(view: ViewSpec) -> tuple[str, ...]:
+    """The :data:`PARAMS` a view's graph reads (the source hands DALI only those)."""
+    jitter = view.jitter is not None and view.jitter.p > 0
+    use = {"roi_start", "roi_end", "flip"}
+    use |= {"brightness", "contrast"} if jitter else set()
+    use |= {"saturation", "hue"} if jitter or view.gray_p > 0 else set()
+    use |= {"blur", "sigma"} if view.blur_p > 0 else set()
+    use |= {"solarize"} if view.solarize_p > 0 else set()
+    return tuple(k for k in PARAMS if k in use)
+
+
+def _decoder_hints(gpu: bool) -> dict:
+    """Decoder options: EXIF orientation off (crop boxes are drawn on the stored height x width, the grid
+    PIL decodes and FFCV stores) and, on the GPU, nvJPEG's memory padding."""
+    return dict(adjust_orientation=False, **(_MIXED_HINTS if gpu else {}))
+
+
+def _crop(encoded, decoded, view: ViewSpec, p: dict, gpu: bool):
+    """The drawn resized crop to ``view.size``; decoded from the crop window alone when ``decoded`` is None."""
+    size = [view.size, view.size]
     if decoded is None:
-        img = fn.decoders.image_random_crop(encoded, device=_decoder_device(gpu), output_type=types.RGB,
-                                            random_area=area, random_aspect_ratio=aspect, num_attempts=10)
-        return fn.resize(img, size=[view.size, view.size], antialias=True)
-    return fn.random_resized_crop(decoded, size=[view.size, view.size], random_area=area,
-                                  random_aspect_ratio=aspect, num_attempts=10, antialias=True)
-
-
-def _uniform(lo: float, hi: float):
-    return fn.random.uniform(range=[lo, hi]) if hi > lo else lo
-
-
-def _coin(p: float):
-    """Per-sample 1.0 with probability ``p``, else 0.0 (a float factor for arithmetic on op arguments)."""
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+        shape = p["roi_end"] - p["roi_start"]
+        img = fn.decoders.image_slice(encoded, p["roi_start"], shape, device=_decoder_device(gpu),
+                                      output_type=types.RGB, axis_names="HW", normalized_anchor=False,
+                                      normalized_shape=False, **_decoder_hints(gpu))
+        return fn.resize(img, size=size, antialias=True)
+    return fn.resize(decoded, size=size, roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=False,
+                     antialias=True)
 
 
 def _mean_luma(img, gpu: bool):
@@ -105,43 +132,29 @@ def _mean_luma(img, gpu: bool):
     return luma.cpu() if gpu else luma
 
 
-def _view(encoded, decoded, view: ViewSpec, spec: RecipeSpec, gpu: bool, dtype, layout: str):
-    """Build one view from its ViewSpec (uint8 HWC image in, normalised ``layout`` tensor out)."""
-    img = _crop(encoded, decoded, view, gpu)
-    jit = view.jitter if view.jitter is not None and view.jitter.p > 0 else None
-    saturation, hue = 1.0, 0.0
-    if jit is not None:
-        on = _coin(jit.p)
-        # off -> factor 1 and hue 0; torchvision draws factors in [max(0, 1-s), 1+s] and the hue in turns.
-        brightness = 1.0 + on * (_uniform(max(0.0, 1 - jit.brightness), 1 + jit.brightness) - 1.0)
-        contrast = 1.0 + on * (_uniform(max(0.0, 1 - jit.contrast), 1 + jit.contrast) - 1.0)
-        saturation = 1.0 + on * (_uniform(max(0.0, 1 - jit.saturation), 1 + jit.saturation) - 1.0)
-        hue = on * _uniform(-360.0 * jit.hue, 360.0 * jit.hue)
+def _view(encoded, decoded, view: ViewSpec, p: dict, spec: RecipeSpec, gpu: bool, dtype, layout: str):
+    """Build one view from its ViewSpec and its drawn parameters ``p`` (uint8 HWC in, normalised ``layout`` out)."""
+    img = _crop(encoded, decoded, view, p, gpu)
+    if view.jitter is not None and view.jitter.p > 0:
         # torchvision's contrast pivots on the image's mean grey, DALI's default on 128: pass the mean.
-        img = fn.brightness_contrast(img, brightness=brightness, contrast=contrast,
+        img = fn.brightness_contrast(img, brightness=p["brightness"], contrast=p["contrast"],
                                      contrast_center=_mean_luma(img, gpu))
-    if view.gray_p > 0:
-        # Grey after jitter: zero saturation keeps only luma (0.299, 0.587, 0.114), torchvision's weights.
-        saturation = saturation * (1.0 - _coin(view.gray_p))
-    if jit is not None or view.gray_p > 0:
-        img = fn.color_twist(img, saturation=saturation, hue=hue)
+    if (view.jitter is not None and view.jitter.p > 0) or view.gray_p > 0:
+        # saturation 0 where the sample is grey: only luma (0.299, 0.587, 0.114) is left, torchvision's weights
+        img = fn.color_twist(img, saturation=p["saturation"], hue=p["hue"])
     if view.blur_p > 0:
-        lo, hi = view.blur_sigma  # DALI rejects an empty range: a fixed sigma is a one-value draw
-        sigma = fn.random.uniform(range=[lo, hi]) if hi > lo else fn.random.uniform(values=[float(lo)])
         # DALI's own window for sigma alone is 2*ceil(3 sigma)+1 (the cheap one); never wider than the spec's.
+        sigma = p["sigma"]
         window = fn.cast(dmath.min(2.0 * dmath.ceil(3.0 * sigma) + 1.0, float(view.blur_kernel)), dtype=types.INT32)
-        if fn.random.coin_flip(probability=view.blur_p, dtype=types.BOOL):
+        if p["blur"]:
             img = fn.gaussian_blur(img, sigma=sigma, window_size=window)
     if view.solarize_p > 0:
         threshold = round(view.solarize_threshold * 255)
-        if fn.random.coin_flip(probability=view.solarize_p, dtype=types.BOOL):
+        if p["solarize"]:
             x = fn.cast(img, dtype=types.INT16)
             img = fn.cast(x + (x >= threshold) * (255 - 2 * x), dtype=types.UINT8)
-    flip = fn.random.coin_flip(probability=view.flip_p) if view.flip_p > 0 else 0
-    return fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, mirror=flip,
+    return fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, mirror=p["flip"],
                                     mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std])
-
-
 
 
 @pipeline_def(enable_conditionals=True)
@@ -149,28 +162,53 @@ def ressl_pipeline(spec: RecipeSpec, *, source, gpu: bool = False, fused_crop: b
                    layout: str = "HWC"):
     """Source -> decode once -> one :func:`_view` per view of ``spec``; outputs are views then labels.
 
-    ``source`` is called with DALI's ``BatchInfo`` and returns (encoded images, int64 labels) for that
-    batch (an :class:`IndexedSource`). With ``fused_crop`` each view decodes only its own crop window
-    instead of sharing one full decode.
+    ``source`` is called with DALI's ``BatchInfo`` and returns the encoded images, the int64 labels and,
+    per view, the arrays named in :data:`PARAMS` (an :class:`IndexedSource`). With ``fused_crop`` each
+    view decodes only its own crop window instead of sharing one full decode.
     """
-    encoded, label = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                        dtype=[types.UINT8, types.INT64])
-    decoded = None if fused_crop else fn.decoders.image(encoded, device=_decoder_device(gpu), output_type=types.RGB)
-    views = [_view(encoded, decoded, v, spec, gpu, dtype, layout) for v in spec.views]
+    names = [used_params(v) for v in spec.views]
+    dtypes = [types.UINT8, types.INT64] + [_PARAM_TYPES.get(k, types.FLOAT) for used in names for k in used]
+    encoded, label, *flat = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
+                                               dtype=dtypes)
+    params, at = [], 0
+    for used in names:  # (DALI's autograph rewrites zip() without its strict= argument: index instead)
+        params.append({name: flat[at + j] for j, name in enumerate(used)})
+        at += len(used)
+    decoded = None if fused_crop else fn.decoders.image(encoded, device=_decoder_device(gpu), output_type=types.RGB,
+                                                        **_decoder_hints(gpu))
+    views = [_view(encoded, decoded, v, params[k], spec, gpu, dtype, layout) for k, v in enumerate(spec.views)]
     return (*views, label)
+
+
+def view_params(view: ViewSpec, seed: int, epoch: int, indices: np.ndarray, view_id: int, heights: np.ndarray,
+                widths: np.ndarray) -> list[np.ndarray]:
+    """The :func:`used_params` arrays of one view for a batch, from :mod:`pipelines.draw` (the values every backend
+    uses for these samples): ROI corners in pixels, hue in degrees, saturation 0 for grey samples."""
+    boxes = view_crops(view, seed, epoch, indices, view_id, heights, widths).astype(np.float32)
+    d = view_decisions(view, seed, epoch, indices, view_id)
+    start = boxes[:, :2]
+    out = {"roi_start": start, "roi_end": start + boxes[:, 2:], "flip": d["flip"].astype(np.int32),
+           "brightness": d["brightness"], "contrast": d["contrast"],
+           "saturation": np.where(d["gray"], 0.0, d["saturation"]), "hue": 360.0 * d["hue"],
+           "blur": d["blur"], "sigma": d["sigma"], "solarize": d["solarize"]}
+    return [np.ascontiguousarray(out[k], dtype=np.bool_ if out[k].dtype == np.bool_ else
+                                 (np.int32 if k == "flip" else np.float32)) for k in used_params(view)]
 
 
 class IndexedSource:
     """``fn.external_source`` callable: iteration ``k`` is batch ``start_batch + k`` of the endless run of
-    epochs that begins at ``epoch`` (whole batches of :func:`epoch_order` over the good samples)."""
+    epochs that begins at ``epoch`` (whole batches of :func:`epoch_order` over the good samples), with
+    every view's drawn parameters for exactly those samples."""
 
-    def __init__(self, samples: Samples, good: np.ndarray, *, batch_size: int, rank: int, world_size: int,
-                 seed: int, epoch: int, start_batch: int):
-        self.samples, self.good = samples, good
+    def __init__(self, samples: Samples, good: np.ndarray, spec: RecipeSpec, *, batch_size: int, rank: int,
+                 world_size: int, seed: int, epoch: int, start_batch: int, sizes: np.ndarray | None = None):
+        self.samples, self.good, self.spec = samples, good, spec
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.epoch, self.start_batch = epoch, start_batch
         self.per_epoch = (len(good) // world_size) // batch_size
         self._orders: dict[int, np.ndarray] = {}
+        # stored (height, width) per sample, read from the encoded header once (-1: not read yet)
+        self.sizes = np.full((len(samples), 2), -1, np.int64) if sizes is None else sizes
 
     def indices(self, epoch: int, batch: int) -> np.ndarray:
         """Sample indices (into ``samples``) of batch ``batch`` of ``epoch`` for this rank."""
@@ -179,11 +217,22 @@ class IndexedSource:
                                                          world_size=self.world_size)]}
         return self._orders[epoch][batch * self.batch_size : (batch + 1) * self.batch_size]
 
-    def __call__(self, info) -> tuple[list[np.ndarray], np.ndarray]:
+    def _size(self, i: int, data: bytes) -> tuple[int, int]:
+        if self.sizes[i, 0] < 0:
+            with Image.open(io.BytesIO(data)) as img:  # the header only: no pixel is decoded
+                self.sizes[i] = (img.height, img.width)
+        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
+
+    def __call__(self, info) -> list:
         e, b = divmod(self.start_batch + info.iteration, self.per_epoch)
-        idx = self.indices(self.epoch + e, b)
-        images = [np.frombuffer(self.samples.encoded(int(i)), dtype=np.uint8) for i in idx]
-        return images, self.samples.labels[idx].astype(np.int64)
+        epoch = self.epoch + e
+        idx = self.indices(epoch, b)
+        data = [self.samples.encoded(int(i)) for i in idx]
+        hw = np.array([self._size(int(i), d) for i, d in zip(idx, data, strict=True)], np.int64)
+        out = [[np.frombuffer(d, dtype=np.uint8) for d in data], self.samples.labels[idx].astype(np.int64)]
+        for view_id, v in enumerate(self.spec.views):
+            out += view_params(v, self.seed, epoch, idx, view_id, hw[:, 0], hw[:, 1])
+        return out
 
 
 class DaliLoader:
@@ -237,6 +286,7 @@ class DaliLoader:
             if self.gpu else None
         self.epoch, self.start_batch = 0, 0
         self._live: _LivePipeline | None = None
+        self._sizes = np.full((len(samples), 2), -1, np.int64)  # stored image sizes, shared by every pipeline
         self.names = [v.name for v in spec.views]
         self.weak_name, self.strong_names = spec.weak.name, [v.name for v in spec.strong]
 
@@ -252,12 +302,12 @@ class DaliLoader:
 
     def _build(self, start_batch: int) -> _LivePipeline:
         """A pipeline whose stream starts at batch ``start_batch`` of epoch ``epoch``."""
-        source = IndexedSource(self.samples, self.good, batch_size=self.batch_size, rank=self.rank,
+        source = IndexedSource(self.samples, self.good, self.spec, batch_size=self.batch_size, rank=self.rank,
                                world_size=self.world_size, seed=self.seed, epoch=self.epoch,
-                               start_batch=start_batch)
-        # The augmentation stream: base seed + rank, moved on by the position the stream starts at.
-        position = self.epoch * len(self) + start_batch
-        seed = (self.seed + self.rank + 1_000_003 * position) % (1 << 31)
+                               start_batch=start_batch, sizes=self._sizes)
+        # Every random choice comes from the source (the counter-based draw); DALI's own seed only fixes the
+        # graph's remaining internals.
+        seed = self.seed % (1 << 31)
         # channels_last: DALI writes HWC and torch sees NCHW with channels-last strides, no copy either way.
         layout = "HWC" if self.channels_last else "CHW"
         pipe = ressl_pipeline(self.spec, source=source, gpu=self.gpu, fused_crop=self.fused_crop,
@@ -272,7 +322,8 @@ class DaliLoader:
     def _to_batch(self, out: dict[str, torch.Tensor]) -> Batch:
         views = {n: out[n].permute(0, 3, 1, 2) if self.channels_last else out[n] for n in self.names}
         weak = views[self.weak_name]
-        label = out["label"].reshape(len(weak), -1)[:, 0].to(torch.int64)
+        # a copy: the CPU label lives in DALI's buffer, which the next batch may reuse before an async copy ran
+        label = out["label"].reshape(len(weak), -1)[:, 0].to(torch.int64, copy=True)
         return Batch(weak=weak, strong=[views[n] for n in self.strong_names],
                      label=label.to(self.device, non_blocking=True))
 

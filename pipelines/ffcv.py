@@ -19,6 +19,7 @@ order. The stored ``image`` field carries the weak view's size group.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,17 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numba import types as nb_types
+from numba.extending import intrinsic, overload
 
 from .batch import FFCV_ORDERS, Batch, LoaderConfig
+from .draw import crop_box, view_key
 from .folder import epoch_order
-from .gpu_augment import augment_view
+from .gpu_augment import augment_view, drawn_view_params
 from .samples import BetonSamples, bad_samples
 from .spec import RecipeSpec, ViewSpec
 
 try:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import IMAGE_MODES, get_random_crop
+    from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.loader import Loader as _FFCVLoader
     from ffcv.loader import OrderOption
@@ -56,11 +60,41 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides ff
         f"pkg-config && pip install -e '.[ffcv]'` (import failed: {e})"
     ) from e
 
-__all__ = ["FFCVLoader", "MultiCropDecoder", "build_ffcv_loader", "ORDERS"]
+__all__ = ["FFCVLoader", "MultiCropDecoder", "SampleIndex", "build_ffcv_loader", "ORDERS"]
 
 ORDERS = FFCV_ORDERS
 
 log = logging.getLogger(__name__)
+
+
+@intrinsic
+def _load_i64(typingctx, address):
+    """JIT code: the int64 stored at ``address`` (a pointer given as an integer)."""
+    def codegen(context, builder, signature, args):
+        return builder.load(builder.inttoptr(args[0], context.get_value_type(nb_types.CPointer(nb_types.int64))))
+    return nb_types.int64(nb_types.intp), codegen
+
+
+def read_cell(address: int) -> int:
+    """The int64 at ``address``: how FFCV's compiled code reads the epoch, which changes after it is compiled
+    (Numba freezes every closure and global value at compile time; a loader-owned cell is read at run time)."""
+    return ctypes.c_int64.from_address(address).value
+
+
+@overload(read_cell)
+def _read_cell_jit(address):
+    return lambda address: _load_i64(address)
+
+
+class EpochCell:
+    """One int64 the loader writes (the epoch being read) and the compiled decoders read."""
+
+    def __init__(self) -> None:
+        self._value = np.zeros(1, np.int64)
+        self.address = int(self._value.ctypes.data)
+
+    def set(self, epoch: int) -> None:
+        self._value[0] = epoch
 
 
 class MultiCropDecoder(Operation):
@@ -69,17 +103,26 @@ class MultiCropDecoder(Operation):
     FFCV's own decoder gives one crop per pipeline, so two views cost two JPEG decodes (the largest
     CPU cost left once the colour ops are fused). This one takes views of equal output size and
     writes ``[B, V, size, size, 3]`` uint8: crop ``v`` with ``scales[v]`` / ``ratios[v]``.
-    Flip is left to :func:`~pipelines.gpu_augment.augment_view` (FFCV's flip expects one image).
+
+    The crop box of sample ``i`` in view ``view_ids[v]`` is :func:`pipelines.draw.crop_box` of
+    ``(seed, epoch, i, view_ids[v])`` — FFCV's own crop draws from ``np.random`` in its worker
+    threads, so its crops change from run to run and with the thread count. ``epoch`` is read at
+    run time from ``epoch_cell`` (an address, see :func:`read_cell`). Flip is left to
+    :func:`~pipelines.gpu_augment.augment_view` (FFCV's flip expects one image).
     """
 
-    def __init__(self, size: int, scales: list[tuple[float, float]], ratios: list[tuple[float, float]]):
+    def __init__(self, size: int, scales: list[tuple[float, float]], ratios: list[tuple[float, float]],
+                 view_ids: list[int], seed: int, epoch_cell: int):
         super().__init__()
-        if size <= 0 or not scales or len(scales) != len(ratios):
-            raise ValueError(f"MultiCropDecoder: need size > 0 and one (scale, ratio) per crop, got size={size}, "
-                             f"scales={scales}, ratios={ratios}")
+        if size <= 0 or not scales or not len(scales) == len(ratios) == len(view_ids):
+            raise ValueError(f"MultiCropDecoder: need size > 0 and one (scale, ratio, view id) per crop, got "
+                             f"size={size}, scales={scales}, ratios={ratios}, view_ids={view_ids}")
         self.size = size
         self.scales = np.array(scales, np.float64)
         self.ratios = np.array(ratios, np.float64)
+        self.view_ids = np.array(view_ids, np.int64)
+        self.seed = int(seed)
+        self.epoch_cell = int(epoch_cell)
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
         max_pixels = int(self.metadata["height"].max()) * int(self.metadata["width"].max())
@@ -93,16 +136,19 @@ class MultiCropDecoder(Operation):
         my_range = Compiler.get_iterator()
         decode_c = Compiler.compile(imdecode)
         resize_c = Compiler.compile(resize_crop)
-        crop_c = Compiler.compile(get_random_crop)
+        key_c = view_key.jit
+        crop_c = crop_box.jit
         jpg = IMAGE_MODES["jpg"]
-        scales = self.scales
-        ratios = self.ratios
+        scales, ratios, view_ids = self.scales, self.ratios, self.view_ids
         n_crops = len(scales)
+        seed, cell = self.seed, self.epoch_cell
 
         def decode_crops(batch_indices, storage, metadata, storage_state):
             out, scratch = storage
+            epoch = read_cell(cell)
             for k in my_range(len(batch_indices)):
-                field = metadata[batch_indices[k]]
+                sample = batch_indices[k]
+                field = metadata[sample]
                 data = mem_read(field["data_ptr"], storage_state)
                 h = np.uint32(field["height"])
                 w = np.uint32(field["width"])
@@ -112,12 +158,31 @@ class MultiCropDecoder(Operation):
                 else:
                     image = data.reshape(h, w, 3)
                 for v in range(n_crops):
-                    i, j, ch, cw = crop_c(h, w, scales[v], ratios[v])
+                    key = key_c(seed, epoch, sample, view_ids[v])
+                    i, j, ch, cw = crop_c(key, np.int64(h), np.int64(w), scales[v, 0], scales[v, 1], ratios[v, 0],
+                                          ratios[v, 1])
                     resize_c(image, i, i + ch, j, j + cw, out[k, v])
             return out[: len(batch_indices)]
 
         decode_crops.is_parallel = True
         return decode_crops
+
+
+class SampleIndex(Operation):
+    """FFCV decoder of any field that yields the batch's sample indices (int64), so the loader knows which
+    samples a batch holds whatever order, prefetch or thread count produced it."""
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
+        i64 = np.dtype(np.int64)
+        return replace(previous_state, jit_mode=True, shape=(1,), dtype=i64), AllocationQuery((1,), i64)
+
+    def generate_code(self):
+        def sample_indices(batch_indices, destination, metadata, storage_state):
+            for k in range(len(batch_indices)):
+                destination[k, 0] = batch_indices[k]
+            return destination[: len(batch_indices)]
+
+        return sample_indices
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,6 +247,8 @@ class FFCVLoader:
         self.out_dtype = out_dtype
         self.augment_impl = augment_impl
         self._epoch = 0
+        self._cell = EpochCell()  # the epoch the decoders' crop draws read
+        self._view_id = {v.name: n for n, v in enumerate(spec.views)}  # the draw's view coordinate
         # Views grouped by output size, weak view's group first; view name -> (pipeline key, crop index).
         groups: dict[int, list[ViewSpec]] = {}
         for v in spec.views:
@@ -192,12 +259,14 @@ class FFCVLoader:
             key = "image" if n == 0 else f"crops_{size}"
             self._where.update({v.name: (key, k) for k, v in enumerate(views)})
             ops = [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type != "cpu" else [])
-            decoder = MultiCropDecoder(size, [v.scale for v in views], [v.ratio for v in views])
+            decoder = MultiCropDecoder(size, [v.scale for v in views], [v.ratio for v in views],
+                                       [self._view_id[v.name] for v in views], seed, self._cell.address)
             pipelines[key] = PipelineSpec("image", decoder=decoder, transforms=ops)
         label_ops = [IntDecoder(), ToTensor()]
         if device.type != "cpu":
             label_ops.append(ToDevice(device, non_blocking=True))
         pipelines["label"] = label_ops
+        pipelines["index"] = PipelineSpec("label", decoder=SampleIndex(), transforms=[ToTensor()])
         # FFCV 1.0.2 accepts a custom TraversalOrder only as a class it then fails to call, so the
         # loader is built with SEQUENTIAL and its order swapped for ours before the first epoch.
         self._loader = _FFCVLoader(str(path), batch_size=batch_size, num_workers=num_threads, os_cache=os_cache,
@@ -209,7 +278,6 @@ class FFCVLoader:
         self._loader.first_traversal_order = self._order.sample_order(0)
         self._names = list(self._loader.pipeline_specs)
         self._samples = len(self._order.sample_order(0))
-        self._generator = torch.Generator()
         if len(self) == 0:
             raise ValueError(f"FFCV backend: {str(path)!r} has {len(self._order.indices)} samples, too few for "
                              f"{world_size} process(es) x batch {batch_size} with drop_last={drop_last}")
@@ -228,15 +296,17 @@ class FFCVLoader:
         self._epoch = epoch
         self._order.skip = start_batch * self.batch_size
 
-    def _view(self, got: dict[str, torch.Tensor], v: ViewSpec) -> torch.Tensor:
+    def _view(self, got: dict[str, torch.Tensor], v: ViewSpec, epoch: int, indices: np.ndarray) -> torch.Tensor:
         key, k = self._where[v.name]
         crops = got[key][:, k].permute(0, 3, 1, 2)  # [B,3,H,W] uint8 view into FFCV's buffer
-        return augment_view(crops, v, self.spec.mean, self.spec.std, self._generator, out_dtype=self.out_dtype,
+        params = drawn_view_params(v, self.seed, epoch, indices, self._view_id[v.name])
+        return augment_view(crops, v, self.spec.mean, self.spec.std, params=params, out_dtype=self.out_dtype,
                             channels_last=self.channels_last, impl=self.augment_impl)
 
     def __iter__(self) -> Iterator[Batch]:
-        self._loader.next_epoch = self._epoch
-        self._generator.manual_seed((self.seed * 1_000_003 + self.rank) * 10_007 + self._epoch)
+        epoch = self._epoch
+        self._loader.next_epoch = epoch
+        self._cell.set(epoch)
         self._epoch += 1
         threads = torch.get_num_threads()
         epoch_iter = iter(self._loader)  # draws this epoch's order, which consumes the skip
@@ -245,7 +315,8 @@ class FFCVLoader:
         try:
             for out in epoch_iter:
                 got = dict(zip(self._names, out, strict=True))
-                views = {v.name: self._view(got, v) for v in self.spec.views}
+                indices = got["index"].view(-1).cpu().numpy()
+                views = {v.name: self._view(got, v, epoch, indices) for v in self.spec.views}
                 label = got["label"].view(-1).to(torch.int64, copy=True)  # FFCV reuses its buffer
                 yield Batch(weak=views[self.spec.weak.name], strong=[views[v.name] for v in self.spec.strong],
                             label=label)

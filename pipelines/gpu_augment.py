@@ -41,11 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from .augment_kernels import augment_range, augment_sample
+from .draw import view_decisions
 from .spec import ViewSpec
 
 __all__ = [
     "ViewParams",
     "sample_view_params",
+    "drawn_view_params",
     "to_float",
     "hflip",
     "adjust_brightness",
@@ -222,6 +224,16 @@ class ViewParams:
     blur: torch.Tensor
     sigma: torch.Tensor
     solarize: torch.Tensor
+
+
+def drawn_view_params(view: ViewSpec, seed: int, epoch: int, indices, view_id: int) -> ViewParams:
+    """The parameters of ``view`` for the samples ``indices`` from the counter-based draw
+    (:func:`pipelines.draw.view_decisions`): the same values every backend uses for those samples."""
+    d = view_decisions(view, seed, epoch, np.asarray(indices), view_id)
+    as_t = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.bool_ if v.dtype == np.bool_ else np.float32))
+            for k, v in d.items()}
+    return ViewParams(as_t["flip"], as_t["jitter"], as_t["brightness"], as_t["contrast"], as_t["saturation"],
+                      as_t["hue"], as_t["gray"], as_t["blur"], as_t["sigma"], as_t["solarize"])
 
 
 def sample_view_params(view: ViewSpec, batch_size: int, generator: torch.Generator | None = None) -> ViewParams:

@@ -4,8 +4,9 @@ It runs anywhere and is the yardstick the DALI and FFCV backends are checked aga
 not pixels). Workers decode and augment to uint8; the main process moves the uint8 batch to the
 device (pinned, non-blocking) and normalises there, which moves 4x fewer bytes than float32.
 
-Each sample's randomness is seeded from (seed, epoch, index), so a run resumed mid-epoch sees the
-very same crops as an uninterrupted one, whatever the number of workers.
+Each sample's random choices come from the counter-based draw of (seed, epoch, index, view)
+(:mod:`pipelines.draw`), shared with the DALI and FFCV backends: a run resumed mid-epoch sees the very
+same crops as an uninterrupted one, whatever the number of workers or processes.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import multiprocessing as mp
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from .batch import Batch, LoaderConfig
+from .draw import view_crops, view_decisions, view_key
 from .folder import BadImageError, epoch_order, shard_size, train_classes
 from .gpu_augment import normalize
 from .samples import Samples, TreeSamples
@@ -28,7 +32,8 @@ from .spec import RecipeSpec, ViewSpec
 
 __all__ = [
     "ViewsDataset",
-    "view_transform",
+    "DrawnView",
+    "sample_seed",
     "ShardSampler",
     "ShardedLoader",
     "TorchvisionLoader",
@@ -39,65 +44,105 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def view_transform(view: ViewSpec) -> v2.Compose:
-    """The torchvision reading of one ViewSpec, PIL in, uint8 CHW tensor out (see ViewSpec for order)."""
-    ops: list = [
-        v2.RandomResizedCrop(view.size, scale=view.scale, ratio=view.ratio, antialias=True),
-        v2.RandomHorizontalFlip(p=view.flip_p),
-    ]
-    if view.jitter is not None and view.jitter.p > 0:
-        j = view.jitter
-        ops.append(v2.RandomApply([v2.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue)], p=j.p))
-    if view.gray_p > 0:
-        ops.append(v2.RandomGrayscale(p=view.gray_p))
-    if view.blur_p > 0:
-        ops.append(v2.RandomApply([v2.GaussianBlur(view.blur_kernel, sigma=view.blur_sigma)], p=view.blur_p))
-    ops.append(v2.PILToTensor())
-    if view.solarize_p > 0:
-        ops.append(v2.RandomSolarize(threshold=round(view.solarize_threshold * 255), p=view.solarize_p))
-    return v2.Compose(ops)
+class DrawnView:
+    """One ViewSpec on a PIL image, every random choice taken from the sample's counter-based draw.
+
+    :mod:`pipelines.draw` gives the crop box (torchvision's RandomResizedCrop algorithm on this image's
+    size), flip, jitter factors, grayscale, blur sigma and solarize of ``(seed, epoch, index, view_id)``:
+    the values the DALI and FFCV backends use for the same sample. The ops are torchvision's
+    ``transforms.v2.functional`` ones, in the spec's order; colour jitter applies brightness, contrast,
+    saturation, hue in this fixed order (``ColorJitter`` draws a random order per call, which no other
+    backend can follow).
+    """
+
+    def __init__(self, view: ViewSpec, view_id: int, seed: int):
+        self.view, self.view_id, self.seed = view, view_id, seed
+
+    def __call__(self, img: Image.Image, epoch: int, index: int) -> torch.Tensor:
+        v = self.view
+        idx = np.array([index], np.int64)
+        top, left, h, w = (int(x) for x in view_crops(v, self.seed, epoch, idx, self.view_id,
+                                                         np.array([img.height]), np.array([img.width]))[0])
+        d = {k: x[0] for k, x in view_decisions(v, self.seed, epoch, idx, self.view_id).items()}
+        out = F.resized_crop(img, top, left, h, w, [v.size, v.size], antialias=True)
+        if d["flip"]:
+            out = F.horizontal_flip(out)
+        if d["jitter"]:
+            out = F.adjust_brightness(out, float(d["brightness"]))
+            out = F.adjust_contrast(out, float(d["contrast"]))
+            out = F.adjust_saturation(out, float(d["saturation"]))
+            if d["hue"] != 0:
+                out = F.adjust_hue(out, float(d["hue"]))
+        if d["gray"]:
+            out = F.rgb_to_grayscale(out, num_output_channels=3)
+        if d["blur"]:
+            sigma = float(d["sigma"])
+            out = F.gaussian_blur(out, [v.blur_kernel, v.blur_kernel], [sigma, sigma])
+        x = F.pil_to_tensor(out)
+        if d["solarize"]:
+            x = F.solarize(x, round(v.solarize_threshold * 255))
+        return x
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A torch seed for one sample of one epoch (for plain, stream-drawing transforms such as the probe's)."""
+    with np.errstate(over="ignore"):
+        return int(view_key(seed, epoch, index, 0)) >> 1
 
 
 class ViewsDataset(Dataset):
-    """Decode once, then one uint8 tensor per transform. Keys are (index, seed) pairs from the sampler.
+    """Decode once, then one uint8 tensor per transform. Keys are (index, epoch) pairs from the sampler.
 
-    ``samples`` is any :class:`pipelines.samples.Samples` (tree, .rec, .beton). A sample that cannot
-    be decoded is logged with its name and reason, counted in ``bad_count`` (shared across workers),
-    and replaced by the next one, so batches stay full.
+    ``samples`` is any :class:`pipelines.samples.Samples` (tree, .rec, .beton). A :class:`DrawnView`
+    draws from (seed, epoch, index, view); any other transform runs under torch's generator seeded
+    from (seed, epoch, index). So a sample's views do not depend on the worker that loads it. A
+    sample that cannot be decoded is logged with its name and reason, counted once per file in
+    ``bad_files`` (shared across workers), and replaced by the next one, so batches stay full.
     """
 
-    def __init__(self, samples: Samples, transforms: Sequence):
+    def __init__(self, samples: Samples, transforms: Sequence, seed: int = 0):
         self.samples = samples
         self.transforms = list(transforms)
-        self.bad_count = mp.Value("i", 0)
+        self.seed = seed
+        self._bad = mp.Array("b", len(samples), lock=False)  # one flag per sample, shared with the workers
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def bad_files(self) -> int:
+        """Distinct unreadable samples met so far (all workers)."""
+        return int(np.frombuffer(self._bad, dtype=np.int8).sum()) if len(self.samples) else 0
+
     def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
+        index, epoch = key
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             try:
                 img, label = self.samples.image(i), int(self.samples.labels[i])
                 break
             except BadImageError as e:
-                with self.bad_count.get_lock():
-                    self.bad_count.value += 1
-                log.warning("skipping unreadable image: %s", e)
+                if not self._bad[i]:
+                    self._bad[i] = 1
+                    log.warning("skipping unreadable image: %s", e)
         else:
             raise RuntimeError("no readable image in the dataset")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            views = tuple(t(img) for t in self.transforms)
-        return views, label
+        views = []
+        for t in self.transforms:
+            if isinstance(t, DrawnView):
+                views.append(t(img, epoch, i))
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, i))
+                    views.append(t(img))
+        return tuple(views), label
 
 
 class ShardSampler(Sampler):
     """Batches of :func:`pipelines.folder.epoch_order` (the order every backend uses), resumable at a batch.
 
-    Yields lists of (index, seed) keys; the seed makes each sample's augmentation a pure function of
-    (seed, epoch, index).
+    Yields lists of (index, epoch) keys: with the dataset's seed, each sample's augmentation is a pure
+    function of (seed, epoch, index).
     """
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True,
@@ -121,10 +166,9 @@ class ShardSampler(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         mine = epoch_order(self.n, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
                            shuffle=self.shuffle, drop_last=self.drop_last).tolist()
-        base = (self.seed * 1_000_003 + self.epoch) * (1 << 24)
         for b in range(self.start_batch, len(self)):
             idx = mine[b * self.batch_size : (b + 1) * self.batch_size]
-            yield [(i, (base + i) % (1 << 63)) for i in idx]
+            yield [(i, self.epoch) for i in idx]
 
 
 def normalize_on_device(x: torch.Tensor, device: torch.device, mean: Sequence[float], std: Sequence[float],
@@ -142,7 +186,7 @@ class ShardedLoader:
                  device: torch.device, rank: int, world_size: int, shuffle: bool = True, drop_last: bool = True,
                  persistent_workers: bool = False):
         self.device, self.batch_size = device, batch_size
-        self.dataset = ViewsDataset(samples, transforms)
+        self.dataset = ViewsDataset(samples, transforms, seed=seed)
         self.sampler = ShardSampler(len(samples), batch_size, rank, world_size, seed, shuffle=shuffle,
                                     drop_last=drop_last)
         keep = persistent_workers and num_workers > 0
@@ -164,8 +208,8 @@ class ShardedLoader:
 
     @property
     def bad_files(self) -> int:
-        """How many unreadable files were skipped so far (all workers)."""
-        return self.dataset.bad_count.value
+        """How many distinct unreadable files were skipped so far (all workers)."""
+        return self.dataset.bad_files
 
 
 class TorchvisionLoader(ShardedLoader):
@@ -173,7 +217,7 @@ class TorchvisionLoader(ShardedLoader):
 
     def __init__(self, files: TreeSamples, spec: RecipeSpec, *, batch_size: int, num_workers: int, seed: int,
                  device: torch.device, rank: int = 0, world_size: int = 1, channels_last: bool = False):
-        super().__init__(files, [view_transform(v) for v in spec.views], batch_size=batch_size,
+        super().__init__(files, [DrawnView(v, n, seed) for n, v in enumerate(spec.views)], batch_size=batch_size,
                          num_workers=num_workers, seed=seed, device=device, rank=rank, world_size=world_size,
                          persistent_workers=True)
         self.spec, self.channels_last = spec, channels_last

@@ -234,10 +234,12 @@ def test_missing_ffcv_names_the_extra_and_debian_packages(monkeypatch):
 def test_multicrop_decoder_checks_its_arguments():
     from pipelines.ffcv import MultiCropDecoder
 
-    with pytest.raises(ValueError, match="one \\(scale, ratio\\) per crop"):
-        MultiCropDecoder(16, [(0.2, 1.0)], [])
+    with pytest.raises(ValueError, match="one \\(scale, ratio, view id\\) per crop"):
+        MultiCropDecoder(16, [(0.2, 1.0)], [], [0], seed=0, epoch_cell=0)
+    with pytest.raises(ValueError, match="one \\(scale, ratio, view id\\) per crop"):
+        MultiCropDecoder(16, [(0.2, 1.0)], [(0.75, 1.33)], [0, 1], seed=0, epoch_cell=0)
     with pytest.raises(ValueError, match="size > 0"):
-        MultiCropDecoder(0, [(0.2, 1.0)], [(0.75, 1.33)])
+        MultiCropDecoder(0, [(0.2, 1.0)], [(0.75, 1.33)], [0], seed=0, epoch_cell=0)
 
 
 @pytest.mark.cuda

@@ -12,31 +12,43 @@ shards plus a small shuffle buffer (DALI's ``readers.mxnet``) then still see eve
 unchanged; a RecordIO record's ``id`` is the sample's index in its source split, and the manifest
 records the seed. The tree is not ordered (its files are sorted by name, as ImageFolder lists them).
 
-Two passes per split. The *encode* pass (``workers`` processes) opens every image once: bad files are
-classified (skipped: empty, not an image, truncated/corrupt; converted to RGB JPEG: CMYK, grayscale,
-palette, PNG or other formats, with the reason), record payloads are produced (source JPEG bytes
-passed through untouched when possible; PNG for in-memory arrays, lossless) and tree files are
-written; 16-bit images are scaled to 8 bits (``v / 257``, not clipped). The *beton* pass hands the
-good samples to FFCV's writer. Every output is written under a temporary name and renamed when
-complete, and the manifest is rewritten after each one, so a re-run skips what is finished (same
-parameters, same source fingerprint -- names, sizes and modification times of the source files --
-and files present with the recorded sizes), rebuilds what the source changed under, saying so, and
-``force`` rebuilds everything. Worker processes die with the converter (:mod:`.children`), and any
-``workers`` count writes the same bytes.
+One pass per split, in ``workers`` processes (default: every core this process may use), opens and
+decodes every image **once**: bad files are classified (skipped: empty, not an image,
+truncated/corrupt; converted to RGB JPEG: CMYK, grayscale, palette, PNG or other formats, with the
+reason), record payloads are produced (source JPEG bytes passed through untouched when possible; PNG
+for in-memory arrays, lossless), tree files are written, and the decoded pixels are encoded for the
+``.beton`` by FFCV's own field (:mod:`.beton`); 16-bit images are scaled to 8 bits (``v / 257``, not
+clipped). The main process writes the ``.rec``/``.idx`` and the ``.beton`` as the results arrive, in
+order. Without a ``.beton`` to write, JPEGs are only entropy-decoded (IDCT at 1/8 scale) to check them.
+
+A failure ends the conversion with a :class:`ConvertError` that names the file and the cause -- an
+image that cannot be encoded, a worker that dies (:func:`.children.ordered_map`), a full disk -- and
+removes every temporary it made. The output directory is locked for the whole conversion
+(``OUT/NAME/.lock``, :class:`ressl.run.RunLock`, as training locks its run directory): a second
+``make dataset`` into it stops at once, naming the first.
+
+Every output is written under a temporary name and renamed when complete, and the manifest is
+rewritten after each one, so a re-run skips what is finished (same parameters, same source
+fingerprint -- names, sizes and modification times of the source files -- and files whose sizes,
+sample counts and SHA-256 match the manifest, :mod:`.manifest`), rebuilds what the source changed
+under, or what no longer matches, saying so, and ``force`` rebuilds everything. Worker processes die
+with the converter (:mod:`.children`), and any ``workers`` count writes the same bytes.
 
 ``beton_mode="auto"`` is decided **once per dataset**: raw pixels when the median longer side of the
-first split converted (train) is at most :data:`~pipelines.formats.RAW_MAX_SIDE` px, JPEG otherwise;
-every split uses that mode (recorded as ``beton_auto`` in the manifest), so one odd image cannot
-flip a split, and train and val are stored alike.
+first split converted (train; up to 1,000 images in record order, read from their headers) is at most
+:data:`~pipelines.formats.RAW_MAX_SIDE` px, JPEG otherwise; every split uses that mode (recorded as
+``beton_auto`` in the manifest), so one odd image cannot flip a split, and train and val are stored
+alike. In raw mode an image whose pixels would not fit one 8 MiB ``.beton`` page (about 1,670 px
+square) is downscaled to the largest size that fits and listed in the manifest with the reason: it
+is an outlier among small images, and a loader sizes its per-sample buffers by the largest image.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib.util
 import io
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -50,25 +62,34 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.folder import WIDE_MODES, to_rgb
+from pipelines.folder import IMAGE_EXTENSIONS, WIDE_MODES, to_rgb
 from ressl.io import atomic_write_json, fsync_dir, remove_stale_temps, replace_dir, temp_name
 
 from . import BETON_MODE_CHOICES, FORMATS, RAW_MAX_SIDE, kernels
-from .children import die_with_parent
+from .beton import BetonError
+from .children import WorkerDiedError, ordered_map
+from .manifest import MANIFEST, MANIFEST_VERSION, check_output, load_manifest
 from .sources import ArraySplit, FileSplit, Source, SourceError
 
-__all__ = ["ConvertError", "ConvertOptions", "convert", "inspect_image", "load_manifest", "record_order"]
+__all__ = ["ConvertError", "ConvertOptions", "all_cores", "convert", "inspect_image", "load_manifest",
+           "record_order"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 UNLABELED_DIR = "_unlabeled"  # class folder of label -1 samples in ImageFolder trees
 _JPEG_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif")
 
 
 class ConvertError(RuntimeError):
     """Conversion cannot proceed; the message names the split, file or option."""
+
+
+def all_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as a container or ``taskset`` sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -80,7 +101,7 @@ class ConvertOptions:
     quality: int = 90  # JPEG quality of re-encoded images
     beton_mode: str = "auto"  # one of BETON_MODE_CHOICES; auto = raw or jpg, decided once per dataset
     compress_p: float = 0.5  # JPEG fraction in beton "proportion" mode
-    workers: int = 1  # processes for the encode pass and FFCV's writer
+    workers: int = field(default_factory=all_cores)  # processes of the encode pass (decode + encode)
     force: bool = False  # rebuild outputs even when the manifest says they are finished
     chunk_size: int = 256  # records framed per Numba call
     progress: bool | None = None  # tqdm bars; None = only on a terminal
@@ -125,6 +146,7 @@ class Inspection:
     height: int = 0
     payload: bytes | None = None  # JPEG bytes for the record (original or re-encoded)
     tree_bytes: bytes | None = None  # bytes for the ImageFolder copy when they differ from the file
+    pixels: np.ndarray | None = None  # uint8 [H,W,3] (at the draft scale when resizing), when asked
 
 
 def _encode_jpeg(image: Any, quality: int) -> bytes:
@@ -152,7 +174,8 @@ def _target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return int(plan[0, 0]), int(plan[0, 1])
 
 
-def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload: bool = True) -> Inspection:
+def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload: bool = True,
+                  want_pixels: bool = False) -> Inspection:
     """Open ``path`` fully and decide: pass through, convert to RGB JPEG, or skip (never raises).
 
     Args:
@@ -160,6 +183,8 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
         max_side: longer side of the record payload; larger images are resized and re-encoded.
         quality: JPEG quality when re-encoding.
         want_payload: produce the record/tree bytes (False = classify only).
+        want_pixels: keep the decoded RGB pixels (for the .beton): the one decode serves the check,
+            the record and the .beton.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -187,18 +212,21 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
                 # Every byte is still entropy-decoded (truncation and corruption are caught), but the
                 # IDCT runs only at the scale we need: 1/8 when the pixels are not used at all.
                 passthrough = not reasons and target == (width, height)
-                img.draft(mode, (max(1, width // 8), max(1, height // 8)) if passthrough or not want_payload
-                          else target)
+                cheap = not want_pixels and (passthrough or not want_payload)
+                img.draft(mode, (max(1, width // 8), max(1, height // 8)) if cheap else target)
             img.load()
-            if not want_payload:
+            if not (want_payload or want_pixels):
                 return Inspection(status, "; ".join(reasons), width, height)
             rgb = to_rgb(img)
+            pixels = np.asarray(rgb) if want_pixels else None
+            if not want_payload:
+                return Inspection(status, "; ".join(reasons), width, height, pixels=pixels)
             tree_bytes = _encode_jpeg(rgb, quality) if reasons else None
             if target != (width, height):
                 payload = _encode_jpeg(rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0), quality)
             else:
                 payload = tree_bytes if reasons else data
-            return Inspection(status, "; ".join(reasons), width, height, payload, tree_bytes)
+            return Inspection(status, "; ".join(reasons), width, height, payload, tree_bytes, pixels)
     except UnidentifiedImageError:
         return Inspection("skipped", "not an image (unrecognised format)")
     except Image.DecompressionBombError as e:
@@ -207,18 +235,8 @@ def inspect_image(path: str, max_side: int = 0, quality: int = 90, want_payload:
         return Inspection("skipped", f"truncated or corrupt: {e}")
 
 
-def load_rgb(path: str, max_side: int = 0) -> np.ndarray:
-    """Decode ``path`` to uint8 [H,W,3]; JPEGs larger than ``max_side`` decode at a reduced scale (draft)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        if max_side and img.format == "JPEG":
-            img.draft("RGB", _target_size(img.size[0], img.size[1], max_side))
-        return np.asarray(to_rgb(img))
-
-
 # ------------------------------------------------------------------------------------------------
-# the encode pass (runs in forked workers; the split and options are inherited through _JOB)
+# the pass (runs in forked workers; the split and options are inherited through _JOB)
 
 _JOB: dict[str, Any] = {}
 
@@ -240,9 +258,39 @@ def _write_tree_file(path: Path, data: bytes | None, src: str | None) -> None:
             f.write(data or b"")
 
 
-def _encode_one(i: int) -> tuple[int, str, str, int, int, bytes | None]:
+def _tree_name(path: str, converted: bool) -> str:
+    """The file's name in the tree: its own, with a suffix every tree reader lists (``IMAGE_EXTENSIONS``)."""
+    p = Path(path)
+    if converted:
+        return p.stem + ".JPEG"
+    return p.name if p.suffix.lower() in IMAGE_EXTENSIONS else p.name + ".jpg"  # pass-through: JPEG bytes
+
+
+def _beton_encode(pixels: np.ndarray, label: int, i: int) -> tuple[bytes, list[bytes], str]:
+    from .beton import encode_sample, fit_to_page
+
     job = _JOB
-    split, classes, tree = job["split"], job["classes"], job["tree"]
+    pixels, note = fit_to_page(pixels, job["beton_mode"], job["max_side"])
+    row, payloads = encode_sample(job["beton_fields"], (pixels, label), job["seed"], i)
+    return row, payloads, note
+
+
+def _encode_one(i: int) -> tuple[int, str, str, int, int, bytes | None, tuple | None]:
+    """Sample ``i``: (i, status, reason, width, height, record payload, .beton encoding); raises ConvertError
+    naming the file when anything but the image itself fails (the image's faults are its status)."""
+    job = _JOB
+    split = job["split"]
+    try:
+        return _encode_sample(i, split, job)
+    except ConvertError:
+        raise
+    except Exception as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise ConvertError(f"{_describe(split, i)}: {cause}") from None
+
+
+def _encode_sample(i: int, split: ArraySplit | FileSplit, job: dict[str, Any]) -> tuple:
+    classes, tree, want_beton = job["classes"], job["tree"], job["beton_mode"] is not None
     label = int(split.labels[i])
     if isinstance(split, ArraySplit):
         image = split.images[i]
@@ -250,33 +298,35 @@ def _encode_one(i: int) -> tuple[int, str, str, int, int, bytes | None]:
         if tree is not None:
             stem = split.names[i] if split.names is not None else f"{i:07d}"
             _write_tree_file(tree / _class_dir(label, classes) / f"{stem}.png", payload, None)
-        return i, "ok", "", image.shape[1], image.shape[0], payload if job["rec"] else None
+        beton = _beton_encode(image, label, i) if want_beton else None
+        return i, "ok", "", image.shape[1], image.shape[0], payload if job["rec"] else None, beton
     path = split.paths[i]
-    ins = inspect_image(path, job["max_side"], job["quality"], want_payload=job["rec"] or tree is not None)
-    if tree is not None and ins.status != "skipped":
-        name = Path(path).name if ins.tree_bytes is None else Path(path).stem + ".JPEG"
-        _write_tree_file(tree / _class_dir(label, classes) / name, ins.tree_bytes, path)
-    return i, ins.status, ins.reason, ins.width, ins.height, ins.payload if job["rec"] else None
+    ins = inspect_image(path, job["max_side"], job["quality"], want_payload=job["rec"] or tree is not None,
+                        want_pixels=want_beton)
+    if ins.status == "skipped":
+        return i, ins.status, ins.reason, 0, 0, None, None
+    if tree is not None:
+        _write_tree_file(tree / _class_dir(label, classes) / _tree_name(path, ins.tree_bytes is not None),
+                         ins.tree_bytes, path)
+    beton = _beton_encode(ins.pixels, label, i) if want_beton else None
+    return i, ins.status, ins.reason, ins.width, ins.height, ins.payload if job["rec"] else None, beton
 
 
-def _run_pool(order: np.ndarray, workers: int, desc: str, progress: bool | None) -> Iterator[tuple]:
-    """``_encode_one`` of every index in ``order``, results in that order (workers die with us)."""
+def _run_pool(split: ArraySplit | FileSplit, order: np.ndarray, workers: int, desc: str,
+              progress: bool | None) -> Iterator[tuple]:
+    """``_encode_one`` of every index in ``order``, results in that order (see :func:`.children.ordered_map`)."""
     from tqdm import tqdm
 
     n = len(order)
     bar = tqdm(total=n, desc=desc, unit="img", disable=None if progress is None else not progress,
                file=sys.stderr, mininterval=1.0)
+    chunk = max(1, min(64, n // (4 * max(1, workers))))
     try:
-        if workers == 1 or n < 2:
-            for i in order.tolist():
-                yield _encode_one(i)
+        with contextlib.closing(ordered_map(_encode_one, order.tolist(), workers, chunk_size=chunk,
+                                            describe=lambda i: _describe(split, i))) as results:
+            for result in results:
+                yield result
                 bar.update()
-        else:
-            ctx = mp.get_context("fork")
-            with ctx.Pool(min(workers, n), initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-                for result in pool.imap(_encode_one, order.tolist(), chunksize=max(1, min(64, n // (4 * workers)))):
-                    yield result
-                    bar.update()
     finally:
         bar.close()
 
@@ -285,49 +335,24 @@ def _run_pool(order: np.ndarray, workers: int, desc: str, progress: bool | None)
 # manifest
 
 
-def load_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of ``out_dir`` (an empty one when absent or unreadable)."""
-    import json
-
-    path = Path(out_dir) / MANIFEST
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        if isinstance(manifest, dict) and manifest.get("version") == MANIFEST_VERSION:
-            return manifest
-        log.warning("%s: unknown manifest version, starting a new one", path)
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError) as e:
-        log.warning("%s: unreadable manifest (%s), starting a new one", path, e)
-    return {}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _is_done(out: Path, manifest: dict[str, Any], key: str, params: dict[str, Any]) -> bool:
+    """Output ``key`` is finished: same parameters, and its files match the manifest (sizes, sample count,
+    SHA-256); a mismatch is logged and the output rebuilt."""
     entry = manifest.get("outputs", {}).get(key)
     if not entry or entry.get("params") != params:
         return False
-    for name, info in entry.get("files", {}).items():
-        p = out / name
-        if info.get("kind") == "dir":
-            if not p.is_dir():
-                return False
-        elif not p.is_file() or p.stat().st_size != info.get("bytes"):
-            return False
+    problems = check_output(out, key, entry, hashes=True)
+    if problems:
+        log.warning("%s: does not match the manifest (%s): rebuilding it", out / key, "; ".join(problems))
+        return False
     return True
 
 
 def _file_entry(out: Path, name: str) -> dict[str, Any]:
+    from .manifest import sha256_file
+
     p = out / name
-    return {"kind": "file", "bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {"kind": "file", "bytes": p.stat().st_size, "sha256": sha256_file(p)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,95 +362,138 @@ def _file_entry(out: Path, name: str) -> dict[str, Any]:
 @dataclass
 class _SplitResult:
     good: np.ndarray
-    sizes: np.ndarray  # [N,2] width, height of every sample (0 for skipped)
     bad: list[dict[str, str]] = field(default_factory=list)
-
-
-class _BetonSamples:
-    """Good samples of a split as FFCV's writer reads them: ``(uint8 [H,W,3], label)``."""
-
-    def __init__(self, split: ArraySplit | FileSplit, good: np.ndarray, max_side: int) -> None:
-        self.split, self.good, self.max_side = split, good, max_side
-
-    def __len__(self) -> int:
-        return int(self.good.shape[0])
-
-    def __getitem__(self, j: int) -> tuple[np.ndarray, int]:
-        i = int(self.good[j])
-        if isinstance(self.split, ArraySplit):
-            return self.split.images[i], int(self.split.labels[i])
-        return load_rgb(self.split.paths[i], self.max_side), int(self.split.labels[i])
 
 
 def _encode_pass(
     source: Source, split_name: str, split: ArraySplit | FileSplit, out: Path, opts: ConvertOptions,
-    want_tree: bool, want_rec: bool, order: np.ndarray,
+    want_tree: bool, want_rec: bool, beton_mode: str | None, order: np.ndarray,
 ) -> _SplitResult:
-    """Visit ``order``'s samples: classify, write tree files and records; ``good`` comes back in that order."""
+    """Visit ``order``'s samples once: classify, write tree files, records and .beton rows (module doc)."""
     from .recordio import RecordIOWriter
 
     n = len(split)
     tree = temp_name(out / split_name) if want_tree else None
-    if tree is not None:
-        shutil.rmtree(tree, ignore_errors=True)
-        tree.mkdir(parents=True)
+    fields = None
+    if beton_mode is not None:
+        from .beton import beton_fields
+
+        fields = beton_fields(beton_mode, opts.max_side, opts.quality, opts.compress_p)  # imports FFCV once
     _JOB.update(split=split, classes=source.classes, tree=tree, rec=want_rec, max_side=opts.max_side,
-                quality=opts.quality)
-    writer = RecordIOWriter(out / f"{split_name}.rec", out / f"{split_name}.idx") if want_rec else None
-    sizes = np.zeros((n, 2), dtype=np.int64)
+                quality=opts.quality, beton_mode=beton_mode, beton_fields=fields, seed=opts.seed)
     good: list[int] = []
     bad: list[dict[str, str]] = []
     payloads: list[bytes] = []
     labels: list[int] = []
     ids: list[int] = []
-    what = "+".join(w for w, on in (("tree", want_tree), ("rec", want_rec), ("scan", True)) if on)
+    what = "+".join(w for w, on in (("tree", want_tree), ("rec", want_rec), (f"beton {beton_mode}", fields),
+                                    ("scan", True)) if on)
+    writer = beton = None
+    target = out
     t0 = time.perf_counter()
     try:
-        for i, status, reason, w, h, payload in _run_pool(order, opts.workers, f"{source.name}/{split_name} {what}",
-                                                          opts.progress):
+        if tree is not None:
+            shutil.rmtree(tree, ignore_errors=True)
+            tree.mkdir(parents=True)
+        if want_rec:
+            target = out / f"{split_name}.rec"
+            writer = RecordIOWriter(target, out / f"{split_name}.idx")
+        if fields is not None:
+            from .beton import BetonWriter
+
+            target = out / f"{split_name}.beton"
+            beton = BetonWriter(target, fields, capacity=n)
+        for i, status, reason, _, _, payload, encoded in _run_pool(split, order, opts.workers,
+                                                                   f"{source.name}/{split_name} {what}",
+                                                                   opts.progress):
             if status == "skipped":
                 bad.append({"split": split_name, "file": _describe(split, i), "action": "skipped", "reason": reason})
                 continue
-            if status == "converted":
-                bad.append({"split": split_name, "file": _describe(split, i), "action": "converted to RGB JPEG",
-                            "reason": reason})
+            notes = [reason] if status == "converted" else []
+            if encoded is not None and encoded[2]:
+                notes.append(encoded[2])
+                log.warning("%s: %s", _describe(split, i), encoded[2])
+            if notes:
+                action = "converted to RGB JPEG" if status == "converted" else "resized for the .beton"
+                bad.append({"split": split_name, "file": _describe(split, i), "action": action,
+                            "reason": "; ".join(notes)})
             good.append(i)
-            sizes[i] = (w, h)
+            if beton is not None:
+                target = beton.path
+                beton.append(encoded[0], encoded[1], _describe(split, i))
             if writer is not None:
                 payloads.append(payload or b"")
                 labels.append(int(split.labels[i]))
                 ids.append(i)
                 if len(payloads) >= opts.chunk_size:
+                    target = writer.rec_path
                     writer.write_many(payloads, labels, ids)
                     payloads, labels, ids = [], [], []
         if not good:
-            raise ConvertError(f"{source.name}/{split_name}: none of the {n} images could be read "
-                               f"(first problem: {bad[0]['reason'] if bad else 'no images'})")
+            raise ConvertError(f"{source.name}/{split_name}: none of the {n} files in {_where(split)} could be "
+                               f"read as an image (first problem: {bad[0]['reason'] if bad else 'no images'})")
         if writer is not None:
+            target = writer.rec_path
             writer.write_many(payloads, labels, ids)
             writer.close()
+        if beton is not None:
+            target = beton.path
+            beton.close()
         if tree is not None:
+            target = out / split_name
             os.sync()  # one flush for all tree files: fsync per file costs ~5 ms each (9 s for the demo)
             replace_dir(tree, out / split_name)
-    except BaseException:
+    except BaseException as e:
         if writer is not None:
             writer.abort()
+        if beton is not None:
+            beton.abort()
         if tree is not None:
             shutil.rmtree(tree, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConvertError(f"{source.name}/{split_name}: writing {target}: {e.strerror or e}") from None
+        if isinstance(e, (WorkerDiedError, BetonError)):
+            raise ConvertError(f"{source.name}/{split_name}: {e}") from None
         raise
     finally:
         _JOB.clear()
     dt = time.perf_counter() - t0
-    log.info("%s/%s %s: %d images in %.1f s (%.0f img/s), %d converted, %d skipped", source.name, split_name,
-             what, n, dt, n / max(dt, 1e-9), sum(b["action"] != "skipped" for b in bad),
+    log.info("%s/%s %s: %d images in %.1f s (%.0f img/s, %d workers), %d converted, %d skipped", source.name,
+             split_name, what, n, dt, n / max(dt, 1e-9), opts.workers, sum(b["action"] != "skipped" for b in bad),
              sum(b["action"] == "skipped" for b in bad))
-    return _SplitResult(np.asarray(good, dtype=np.int64), sizes, bad)
+    return _SplitResult(np.asarray(good, dtype=np.int64), bad)
 
 
 def _describe(split: ArraySplit | FileSplit, i: int) -> str:
     if isinstance(split, FileSplit):
         return split.paths[i]
     return split.names[i] if split.names is not None else f"#{i}"
+
+
+def _where(split: ArraySplit | FileSplit) -> str:
+    """The directory a split's files are in (their common parent), for messages."""
+    if isinstance(split, FileSplit) and split.paths:
+        try:
+            return os.path.commonpath(split.paths) if len(split.paths) > 1 else os.path.dirname(split.paths[0])
+        except ValueError:
+            return os.path.dirname(split.paths[0])
+    return "the source"
+
+
+def _longer_sides(split: ArraySplit | FileSplit, order: np.ndarray, limit: int = 1000) -> np.ndarray:
+    """Longer sides of up to ``limit`` images in record order, from their headers (no decode)."""
+    if isinstance(split, ArraySplit):
+        return np.full(min(len(split), limit), max(split.images.shape[1:3]), dtype=np.int64)
+    from PIL import Image
+
+    sides = []
+    for i in order[:limit].tolist():
+        try:
+            with Image.open(split.paths[i]) as img:
+                sides.append(max(img.size))
+        except Exception:  # unreadable files are the pass's to report
+            continue
+    return np.asarray(sides, dtype=np.int64)
 
 
 def _beton_mode(opts: ConvertOptions, manifest: dict[str, Any], split_name: str, longer: np.ndarray) -> str:
@@ -441,8 +509,9 @@ def _beton_mode(opts: ConvertOptions, manifest: dict[str, Any], split_name: str,
     median = float(np.median(longer)) if longer.size else 0.0
     mode = "raw" if 0 < median <= RAW_MAX_SIDE else "jpg"
     manifest["beton_auto"] = {"mode": mode, "split": split_name, "median_longer_side": median,
-                              "rule": f"raw when the median longer side of {split_name} is <= {RAW_MAX_SIDE} px, "
-                                      "else jpg; every split uses this mode"}
+                              "rule": f"raw when the median longer side of {split_name} (up to 1,000 images in record "
+                                      f"order, from their headers) is <= {RAW_MAX_SIDE} px, else jpg; every split "
+                                      "uses this mode"}
     odd = int((longer > RAW_MAX_SIDE).sum()) if mode == "raw" else 0
     log.info("beton mode auto -> %s for every split (median longer side of %s: %.0f px%s)", mode, split_name, median,
              f"; {odd} larger images stored raw too" if odd else "")
@@ -457,11 +526,34 @@ def _count_per_class(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
     return per_class
 
 
+def _lock(out: Path) -> Any:
+    """Hold ``out`` for this conversion (:class:`ressl.run.RunLock`); another live one is a ConvertError."""
+    import json
+
+    from ressl.run import RunLock, RunLockedError
+
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except RunLockedError as e:
+        try:
+            holder = json.loads(lock.path.read_text())
+            who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}: " + \
+                " ".join(holder.get("argv") or [])
+        except (OSError, ValueError, AttributeError):
+            who = str(e)
+        raise ConvertError(f"{out} is being written by another conversion ({who}); wait for it to finish or stop "
+                           f"it, then run again (lock {lock.path})") from None
+    return lock
+
+
 def convert(source: Source, out_root: str | os.PathLike, opts: ConvertOptions | None = None) -> dict[str, Any]:
     """Write ``source`` into ``out_root/source.name`` in ``opts.formats``; return the manifest.
 
     Raises:
-        ConvertError / SourceError: before any work when an option, split or source is unusable.
+        ConvertError / SourceError: before any work when an option, split or source is unusable, when
+            another conversion holds the directory, and when a file cannot be converted or written
+            (named, with the cause; nothing of the failed output is left behind).
     """
     opts = opts or ConvertOptions()
     if "beton" in opts.formats and importlib.util.find_spec("ffcv") is None:
@@ -469,23 +561,37 @@ def convert(source: Source, out_root: str | os.PathLike, opts: ConvertOptions | 
                     "pip install -e '.[ffcv]', which needs libturbojpeg0-dev libopencv-dev pkg-config)")
         opts = replace(opts, formats=tuple(f for f in opts.formats if f != "beton") or ("folder",))
     out = Path(out_root) / source.name
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temps(out):
-        log.info("removed %s left by an interrupted run", stale)
-    manifest = load_manifest(out)  # kept under --force too: outputs not rebuilt now stay listed
-    manifest.update(version=MANIFEST_VERSION, dataset=source.name, source=source.info, classes=source.classes)
-    manifest.setdefault("splits", {})
-    manifest.setdefault("outputs", {})
-    manifest.setdefault("bad_files", [])
-    manifest["skipped_classes"] = source.skipped_classes
-    manifest["order"] = {"seed": opts.seed, "rule": "records of split S in numpy.random.default_rng([seed, "
-                         "crc32(S)]).permutation(n) of its source samples, skipped files dropped; labels unchanged; "
-                         "a RecordIO record's id is its source index"}
-    common = {"dataset": source.name, "source": source.info}
-    for split_name in source.splits:
-        _convert_split(source, split_name, out, opts, manifest, common)
-    manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(out / MANIFEST, manifest)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConvertError(f"cannot create the output directory {out}: {e.strerror or e}") from None
+    lock = _lock(out)
+    try:
+        for stale in remove_stale_temps(out):
+            log.info("removed %s left by an interrupted run", stale)
+        manifest = load_manifest(out)  # kept under --force too: outputs not rebuilt now stay listed
+        manifest.update(version=MANIFEST_VERSION, dataset=source.name, source=source.info, classes=source.classes)
+        manifest.setdefault("splits", {})
+        manifest.setdefault("outputs", {})
+        manifest.setdefault("bad_files", [])
+        manifest["skipped_classes"] = source.skipped_classes
+        manifest["order"] = {"seed": opts.seed, "rule": "records of split S in numpy.random.default_rng([seed, "
+                             "crc32(S)]).permutation(n) of its source samples, skipped files dropped; labels "
+                             "unchanged; a RecordIO record's id is its source index"}
+        common = {"dataset": source.name, "source": source.info}
+        try:
+            for split_name in source.splits:
+                _convert_split(source, split_name, out, opts, manifest, common)
+            manifest["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            atomic_write_json(out / MANIFEST, manifest)
+        except OSError as e:  # the manifest itself, a tree link: name what could not be written
+            raise ConvertError(f"{source.name}: writing in {out}: {e.strerror or e}"
+                               + (f" ({e.filename})" if e.filename else "")) from None
+        except BaseException:
+            remove_stale_temps(out)  # anything of ours not yet cleaned (a manifest temp on a full disk)
+            raise
+    finally:
+        lock.release()
     return manifest
 
 
@@ -511,8 +617,8 @@ def _convert_split(
         _is_done(out, manifest, beton_key, {**common, **p}) for p in _beton_param_options(opts, manifest, split_name))
     todo_beton = beton_wanted and not done_beton
     if not (todo_tree or todo_rec or todo_beton):
-        log.info("%s/%s: all requested outputs are finished (manifest); use --force to rebuild", source.name,
-                 split_name)
+        log.info("%s/%s: all requested outputs are finished and match the manifest (sizes, counts, SHA-256); use "
+                 "--force to rebuild", source.name, split_name)
         return
     split = source.split(split_name)
     if len(split) == 0:
@@ -525,52 +631,29 @@ def _convert_split(
         todo_tree = False
 
     order = record_order(opts.seed, split_name, len(split))
-    result = None
-    if todo_tree or todo_rec or (todo_beton and isinstance(split, FileSplit)):
-        result = _encode_pass(source, split_name, split, out, opts, todo_tree, todo_rec, order)
-        manifest["bad_files"] = [b for b in manifest["bad_files"] if b["split"] != split_name] + result.bad
-        labels = split.labels[result.good]
-        manifest["splits"][split_name] = {
-            "count": int(result.good.shape[0]),
-            "skipped": sum(b["action"] == "skipped" for b in result.bad),
-            "converted": sum(b["action"] != "skipped" for b in result.bad),
-            "per_class": _count_per_class(labels, source.classes),
-            "source_fingerprint": fingerprint,
-        }
-        _warn_classes_without_images(manifest["splits"][split_name], source, split_name)
-        if todo_tree:
-            manifest["outputs"][tree_key] = {"params": tree_params,
-                                             "files": {tree_key: {"kind": "dir", "count": int(labels.shape[0])}}}
-        if todo_rec:
-            manifest["outputs"][rec_key] = {"params": rec_params, "count": int(labels.shape[0]), "files": {
-                rec_key: _file_entry(out, rec_key), f"{split_name}.idx": _file_entry(out, f"{split_name}.idx")}}
-        atomic_write_json(out / MANIFEST, manifest)
-
-    if todo_beton:
-        if result is None:  # in-memory arrays: all samples are good
-            n = len(split)
-            good = order
-            sizes = np.tile(np.array([split.images.shape[2], split.images.shape[1]]), (n, 1))
-            manifest["splits"][split_name] = {"count": n, "skipped": 0, "converted": 0,
-                                              "per_class": _count_per_class(split.labels, source.classes),
-                                              "source_fingerprint": fingerprint}
-            _warn_classes_without_images(manifest["splits"][split_name], source, split_name)
-        else:
-            good, sizes = result.good, result.sizes
-        mode = _beton_mode(opts, manifest, split_name, sizes[good].max(axis=1))
-        params = {**common, **_beton_params(opts, mode)}
-        from .beton import beton_fields, write_beton
-
-        beton_fields(mode)  # imports FFCV (seconds of Numba set-up) outside the timed section
-        t0 = time.perf_counter()
-        write_beton(out / beton_key, _BetonSamples(split, good, opts.max_side), mode=mode, max_side=opts.max_side,
-                    quality=opts.quality, compress_p=opts.compress_p, num_workers=opts.workers, seed=opts.seed)
-        dt = time.perf_counter() - t0
-        log.info("%s/%s beton (%s): %d images in %.1f s (%.0f img/s)", source.name, split_name, mode, good.size, dt,
-                 good.size / max(dt, 1e-9))
-        manifest["outputs"][beton_key] = {"params": params, "count": int(good.size),
+    mode = _beton_mode(opts, manifest, split_name, _longer_sides(split, order)) if todo_beton else None
+    result = _encode_pass(source, split_name, split, out, opts, todo_tree, todo_rec, mode, order)
+    manifest["bad_files"] = [b for b in manifest["bad_files"] if b["split"] != split_name] + result.bad
+    labels = split.labels[result.good]
+    manifest["splits"][split_name] = {
+        "count": int(result.good.shape[0]),
+        "skipped": sum(b["action"] == "skipped" for b in result.bad),
+        "converted": sum(b["action"] != "skipped" for b in result.bad),
+        "per_class": _count_per_class(labels, source.classes),
+        "source_fingerprint": fingerprint,
+    }
+    _warn_classes_without_images(manifest["splits"][split_name], source, split_name)
+    if todo_tree:
+        manifest["outputs"][tree_key] = {"params": tree_params,
+                                         "files": {tree_key: {"kind": "dir", "count": int(labels.shape[0])}}}
+    if todo_rec:
+        manifest["outputs"][rec_key] = {"params": rec_params, "count": int(labels.shape[0]), "files": {
+            rec_key: _file_entry(out, rec_key), f"{split_name}.idx": _file_entry(out, f"{split_name}.idx")}}
+    if mode is not None:
+        manifest["outputs"][beton_key] = {"params": {**common, **_beton_params(opts, mode)},
+                                          "count": int(labels.shape[0]),
                                           "files": {beton_key: _file_entry(out, beton_key)}}
-        atomic_write_json(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
 
 
 def _warn_classes_without_images(info: dict[str, Any], source: Source, split_name: str) -> None:

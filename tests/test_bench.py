@@ -284,3 +284,39 @@ def test_cuda_rows_report_device_memory(tmp_path):
     for mode in ("model", "end_to_end"):
         r = next(r for r in rep["results"] if r["mode"] == mode)
         assert r["peak_mem_bytes"] > 0 and r["images_per_s"] > 0
+
+
+@pytest.mark.parametrize("layout", ["empty", "empty class folder", "beton for another split"])
+def test_data_directory_without_data_fails_before_any_work(tmp_path, capsys, layout):
+    data = tmp_path / "data"
+    data.mkdir()
+    if layout == "empty class folder":
+        (data / "train" / "a").mkdir(parents=True)
+    elif layout == "beton for another split":
+        (data / "val.beton").write_bytes(b"x")
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*TINY, "--data", str(data), "--bench-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert f"--data '{data}' holds nothing the requested backends read for split 'train'" in err
+    assert "train/ (ImageFolder with images) (torchvision)" in err and "make dataset" in err
+    assert not (tmp_path / "cache").exists()
+    # only the model step reads no data: that run is allowed
+    rep = bench.main([*TINY, "--data", str(data), "--modes", "model", "--bench-dir", str(tmp_path / "cache")])
+    assert _row(rep, "synthetic", "model")["images_per_s"] > 0
+
+
+def test_every_loader_row_failing_for_want_of_data_exits_2_after_the_report(tmp_path, cache, capsys, monkeypatch):
+    def no_data(cfg, backend="auto", **kw):
+        raise FileNotFoundError(f"image folder '{cfg.data}/train' has no images")
+
+    monkeypatch.setattr(pipelines, "build_loader", no_data)
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*TINY, "--backend", "torchvision", "--modes", "loader", "--bench-dir", str(cache),
+                    "--json", str(out)])
+    captured = capsys.readouterr()
+    assert exc.value.code == 2
+    assert captured.err.strip().splitlines()[-1].startswith("error: no backend read --data ")
+    assert "torchvision: image folder" in captured.err and "has no images" in captured.out  # the table too
+    assert json.loads(out.read_text())["results"][0]["error"].startswith("FileNotFoundError")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,11 +60,12 @@ from _benchdata import DEFAULT_ROOT  # noqa: E402
 from _measure import MODES, BenchError, cores, format_table, run, write_report  # noqa: E402
 
 import pipelines  # noqa: E402
+from pipelines.folder import IMAGE_EXTENSIONS  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
 from ressl.config import run_tool  # noqa: E402
 from ressl.step import resolve_precision  # noqa: E402
 
-__all__ = ["build_parser", "main", "resolve_args"]
+__all__ = ["build_parser", "data_failure", "main", "resolve_args"]
 
 log = logging.getLogger("bench")
 
@@ -132,6 +134,41 @@ def _int_list(option: str, text: str, minimum: int) -> list[int]:
         raise BenchError(f"{option} expects integers >= {minimum}, got {text!r}")
     return sorted(set(values))
 
+
+def _has_image(folder: Path) -> bool:
+    """Whether an ImageFolder tree holds at least one image (stops at the first one found)."""
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def _data_problem(data: Path, split: str, backends: list[str]) -> str | None:
+    """Why no requested, installed backend finds ``split`` in ``data`` (None when one does): a few stat calls
+    and a walk to the first image, so an empty or wrong directory stops the run before any work."""
+    installed = [b for b in backends if pipelines.available_backends().get(b, False)]
+    if not installed:
+        return None  # every row will say which backend is missing
+    folder = (data / split).is_dir() and _has_image(data / split)
+    readable = {"torchvision": folder, "ffcv": (data / f"{split}.beton").is_file(),
+                "dali": folder or ((data / f"{split}.rec").is_file() and (data / f"{split}.idx").is_file())}
+    if any(readable[b] for b in installed):
+        return None
+    wants = {"torchvision": f"{split}/ (ImageFolder with images)", "ffcv": f"{split}.beton",
+             "dali": f"{split}.rec + {split}.idx or {split}/"}
+    return (f"--data {str(data)!r} holds nothing the requested backends read for split {split!r}: expected "
+            + "; ".join(f"{wants[b]} ({b})" for b in installed) + "; write it with `make dataset`")
+
+
+def data_failure(report: dict[str, Any]) -> str | None:
+    """Why the run measured nothing of the data path, when every loader row failed because the data is
+    missing or empty (the loaders' FileNotFoundError); None when any row read data or failed otherwise."""
+    rows = [r for r in report["results"] if r["mode"] in ("loader", "end_to_end")]
+    if not rows or any(r["images_per_s"] is not None or not str(r.get("error", "")).startswith("FileNotFoundError")
+                       for r in rows):
+        return None
+    why = dict.fromkeys(f"{r['backend']}: {r['error'].removeprefix('FileNotFoundError: ')}" for r in rows)
+    return f"no backend read --data {report['data']['root']!r}: " + "; ".join(why)
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -202,6 +239,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if not data.is_dir():
             raise BenchError(f"--data {args.data!r} is not a directory (expected {args.split}/, "
                              f"{args.split}.beton or {args.split}.rec + .idx inside)")
+        problem = _data_problem(data, args.split, args.backends) if set(args.mode_list) - {"model"} else None
+        if problem is not None:
+            raise BenchError(problem)
     args.sweep_workers_list = (_int_list("--sweep-workers", args.sweep_workers, 0) if args.sweep_workers
                                else sorted({min(2**i, cores()) for i in range(cores().bit_length() + 1)}))
     args.sweep_batch_list = (_int_list("--sweep-batch", args.sweep_batch, 1) if args.sweep_batch
@@ -215,7 +255,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse, validate, measure, print the table, write the JSON; returns the report (for tests)."""
+    """Parse, validate, measure, print the table, write the JSON; returns the report (for tests).
+
+    Exits 2 after the table and the JSON when every loader row failed for want of data.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -228,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(report))
     if args.json:
         log.info("wrote %s", write_report(report, args.json))
+    failure = data_failure(report)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        raise SystemExit(2)
     return report
 
 

@@ -230,6 +230,19 @@ class TorchvisionLoader(ShardedLoader):
                         label=label.to(self.device, non_blocking=True))
 
 
+def _check_one_readable(files: Samples, root: Path) -> None:
+    """Fail before training when no file decodes. Bad files are otherwise met (and replaced) lazily, so a
+    tree of only unreadable files would fail inside the first batch; this costs one decode for good data."""
+    for i in range(len(files)):
+        try:
+            files.image(i)
+            return
+        except BadImageError:
+            continue
+    example = f" (e.g. {files.name(0)})" if len(files) else ""
+    raise ValueError(f"none of the {len(files)} files under {root} is a readable image{example}")
+
+
 def build_torchvision_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str, device: torch.device, rank: int,
                              world_size: int) -> TorchvisionLoader:
     """The reference training loader over ``<cfg.data>/<split>/`` (an ImageFolder tree), labelled by the
@@ -237,6 +250,7 @@ def build_torchvision_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str,
     cfg = LoaderConfig.of(cfg)
     batch = cfg.per_process_batch(world_size)
     files = TreeSamples(Path(cfg.data) / split, train_classes(cfg.data))
+    _check_one_readable(files, Path(cfg.data) / split)
     return TorchvisionLoader(files, spec, batch_size=batch, num_workers=cfg.num_workers,
                              seed=cfg.seed, device=device, rank=rank, world_size=world_size,
                              channels_last=cfg.channels_last)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -40,6 +41,8 @@ __all__ = [
     "verify_image",
 ]
 
+log = logging.getLogger(__name__)
+
 # The file suffixes ImageFolder readers treat as images (torchvision's list), compared lower-case.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -59,14 +62,35 @@ def class_dirs(root: str | os.PathLike) -> list[str]:
 def list_files(directory: str | os.PathLike, extensions: tuple[str, ...] | None = None) -> list[str]:
     """Every visible regular file under ``directory`` (recursive, links followed, sorted).
 
+    Each real directory is listed once: a directory link that leads to one already listed (a loop such
+    as ``a/self -> .``, or two links to one folder) is skipped with a warning naming it, where a plain
+    ``os.walk(followlinks=True)`` would list the same files again at every level of the loop.
+
     Args:
         directory: a class folder.
         extensions: keep only names ending in one of these (lower-case compare); None keeps every
             file (the converter judges each one by its content and reports the bad ones).
     """
     found: list[str] = []
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return found
+    seen = {(st.st_dev, st.st_ino)}
     for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        keep = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            try:
+                st = os.stat(os.path.join(root, d))
+            except OSError:  # a dangling link: nothing to list
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                log.warning("%s: directory already listed (a symlink loop or a second link to it): skipped",
+                            display_name(os.path.join(root, d)))
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            keep.append(d)
+        dirs[:] = keep
         found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")
                   and (extensions is None or f.lower().endswith(extensions))]
     return found

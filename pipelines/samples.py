@@ -9,7 +9,13 @@ so both read trees (:class:`TreeSamples`), RecordIO (:class:`RecordSamples`) and
 :func:`bad_samples` decodes every sample once (cheaply, see :func:`pipelines.folder.verify_image`)
 and caches the verdict in a small JSON file next to the data, keyed by a fingerprint of the names,
 sizes and mtimes: a decoder that would crash on a zero-byte, truncated or random-bytes file, or on a
-corrupt record, never sees one, and each is reported with its name and reason.
+corrupt record, never sees one, and each is reported with its name and reason. When no sample at all
+decodes it stops, naming the directory or file and the count, before any training step.
+
+Opening a split of a converted dataset checks it against ``manifest.json``
+(:func:`pipelines.formats.manifest.check_loaded`): the sample count found (tree files, ``.idx``
+lines, ``.beton`` rows) and the file sizes must be the recorded ones, so a file copied in from
+another dataset, or an ``.idx`` cut short, stops the loader with a message naming it.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from ressl.config import ConfigError
 from ressl.io import atomic_write_json
 
 from .folder import BadImageError, ImageFolderFiles, decode_rgb, display_name, verify_image
+from .formats.manifest import check_loaded
 
-__all__ = ["BetonSamples", "RecordSamples", "Samples", "TreeSamples", "bad_samples"]
+__all__ = ["BetonSamples", "NoReadableSamplesError", "RecordSamples", "Samples", "TreeSamples", "bad_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +46,16 @@ CACHE_VERSION = 1
 REPORT_FIRST = 20  # bad samples logged one by one; the rest are counted (all are in the cache file)
 
 
+class NoReadableSamplesError(ConfigError):
+    """Not one sample of a split decodes; the message names the directory or file and the count."""
+
+
 class Samples(Protocol):
     """Random access to one split's stored samples."""
 
     labels: np.ndarray  # int64 [N]
     cache_path: Path  # where the check verdict is cached
+    location: str  # the tree or file, for messages
 
     def __len__(self) -> int: ...
 
@@ -81,6 +94,8 @@ class TreeSamples:
         self.paths = [p for p, _ in self.files.samples]
         self.labels = np.asarray([c for _, c in self.files.samples], dtype=np.int64)
         self.cache_path = self.root.parent / f".{self.root.name}.checked.json"
+        self.location = display_name(str(self.root))
+        check_loaded(self.root.parent, f"{self.root.name}/", len(self.paths), f"image folder {self.location}")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,6 +146,8 @@ class RecordSamples(_Mapped):
                                     f"{self.rec.name} by `make dataset` (FORMATS=rec)")
         self._file = self.rec
         self.offsets = read_index(self.idx)
+        self.location = str(self.rec)
+        check_loaded(self.rec.parent, f"{self.rec.stem}.rec", int(self.offsets.shape[0]), f"{self.idx} (the index)")
         check_index(self.rec, self.offsets, max_bad=0.5)  # single corrupt records are skipped later
         self._map: np.memmap | None = None
         self.labels = self._read_labels(IR_HEADER_SIZE)
@@ -203,6 +220,8 @@ class BetonSamples(_Mapped):
         self._jpg = IMAGE_MODES["jpg"]
         self._map: np.memmap | None = None
         self.cache_path = self.path.parent / f".{self.path.name}.checked.json"
+        self.location = str(self.path)
+        check_loaded(self.path.parent, f"{self.path.stem}.beton", int(self.meta.shape[0]), str(self.path))
 
     def __len__(self) -> int:
         return int(self.meta.shape[0])
@@ -246,6 +265,9 @@ def bad_samples(samples: Samples, threads: int = 1, check: Callable[[Samples, in
                 ) -> dict[int, str]:
     """Index -> reason of every sample of ``samples`` that does not decode, checked once and cached.
 
+    Raises:
+        NoReadableSamplesError: every sample is bad (the directory or file and the count named).
+
     The verdict is cached in ``samples.cache_path`` (written atomically; skipped with a message when
     the directory is read-only) under a fingerprint of the stored files; a changed file is checked
     again. Every call logs the bad samples (the first :data:`REPORT_FIRST` by name) and their count.
@@ -270,6 +292,10 @@ def bad_samples(samples: Samples, threads: int = 1, check: Callable[[Samples, in
                                       "bad": sorted(bad.items())})
         except OSError as e:
             log.info("could not cache the sample check in %s (%s); it will run again next time", cache, e)
+    if bad and len(bad) == len(samples):
+        raise NoReadableSamplesError(f"{samples.location}: none of its {len(samples)} samples decodes as an image "
+                                     f"(first: {next(iter(bad.values()))}); nothing to train on: replace the files "
+                                     "or re-run `make dataset`")
     for reason in list(bad.values())[:REPORT_FIRST]:
         log.warning("skipping unreadable sample: %s", reason)
     if bad:

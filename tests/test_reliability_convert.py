@@ -355,3 +355,176 @@ def test_cli_seed_option_reaches_the_manifest(tmp_path):
     assert [r.id for r in RecordIOReader(out / "train.rec", out / "train.idx")] == record_order(5, "train", 6).tolist()
     with pytest.raises(SystemExit):
         tool.main(["folder", "--src", str(tmp_path / "src"), "--beton-mode", "png"])
+
+
+# ------------------------------------------------------------------------------------------------
+# a failing writer ends the conversion cleanly (issue "Reliability, second round", case 1)
+
+
+def _save_q(path: Path, image: np.ndarray, quality: int = 90) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, format="JPEG", quality=quality)
+    return path
+
+
+def _small_jpegs_and(root: Path, big: np.ndarray, quality: int = 90) -> Path:
+    """24 JPEGs of 40x32 plus one big JPEG in one class folder (the probe's reproduction)."""
+    rng = np.random.default_rng(0)
+    for k in range(24):
+        _save_q(root / "a" / f"{k:02d}.jpg", rng.integers(0, 256, (32, 40, 3), dtype=np.uint8))
+    return _save_q(root / "a" / "big.jpg", big, quality)
+
+
+def _tool(args: list[str], timeout: int = 180, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "dataset.py"), *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name or p.name == ".lock")
+
+
+@needs_ffcv
+def test_oversized_image_in_raw_mode_is_resized_to_fit_a_page(tmp_path):
+    """Before: raw mode was chosen, FFCV's worker died ("Tried allocating 108000000 but page size is
+    8388608") and the converter spun forever, leaving a temp file and a /dev/shm segment."""
+    from pipelines.samples import BetonSamples
+
+    big = _small_jpegs_and(tmp_path / "src", np.full((1800, 2400, 3), 90, np.uint8))
+    rc = _tool(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "2"])
+    assert rc.returncode == 0, rc.stderr
+    out = tmp_path / "out" / "folder"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["beton_auto"]["mode"] == "raw"
+    (entry,) = [b for b in manifest["bad_files"] if b["file"] == str(big)]
+    assert entry["action"] == "resized for the .beton" and "resized from 2400x1800 to" in entry["reason"]
+    beton = BetonSamples(out / "train.beton")
+    sides = sorted(zip(beton.meta["width"].tolist(), beton.meta["height"].tolist()))
+    assert len(beton) == 25 and sides[:24] == [(40, 32)] * 24
+    w, h = sides[24]
+    assert w * h * 3 <= 1 << 23 and abs(w / h - 4 / 3) < 0.01 and w > 1900
+    assert _leftovers(tmp_path) == []
+
+
+@needs_ffcv
+def test_sample_too_large_for_a_page_ends_with_the_file_named(tmp_path):
+    """A JPEG-encoded sample over FFCV's 8 MiB page: one error line naming the file and the cause, exit 2,
+    nothing left behind (FFCV's writer hung here, its worker dead)."""
+    noise = np.random.default_rng(1).integers(0, 256, (2200, 2200, 3), dtype=np.uint8)
+    big = _small_jpegs_and(tmp_path / "src", noise, quality=100)
+    rc = _tool(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--formats", "beton",
+                "--beton-mode", "jpg", "--quality", "100", "--workers", "2"])
+    assert rc.returncode == 2 and "Traceback" not in rc.stderr
+    assert f"{big}: its encoded image is" in rc.stderr and "more than one 8 MiB .beton page" in rc.stderr
+    assert "--max-side" in rc.stderr
+    assert not list((tmp_path / "out" / "folder").glob("train*")) and _leftovers(tmp_path) == []
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@needs_ffcv
+def test_full_disk_ends_with_the_file_named_and_nothing_left(tmp_path):
+    """A write that fails (the file-size limit stands in for a full disk, as a 2 MB tmpfs did in the probe):
+    before, FFCV's worker died and the converter spun; now one error line, exit 2, no temporaries."""
+    _class_sorted_tree(tmp_path / "src", classes=2, per_class=2, side=8)
+    # The .rec fits and is renamed into place; the .beton's first page (at 8 MiB) does not, and fails
+    # only when it is closed, after the .rec: that published .rec must go too.
+    rc = _tool(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "2"],
+               preexec_fn=_file_size_limit(4 << 20))
+    assert rc.returncode == 2 and "Traceback" not in rc.stderr, rc.stderr
+    assert "folder/train: writing" in rc.stderr and "train.beton: File too large" in rc.stderr
+    assert not list((tmp_path / "out" / "folder").glob("train*")) and _leftovers(tmp_path) == []
+
+
+def _die_on_seven(i: int) -> int:
+    if i == 7:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer or a crashing decoder would
+    time.sleep(0.01)
+    return i * i
+
+
+def test_a_dead_worker_ends_the_map_naming_its_item():
+    """multiprocessing.Pool.imap waits forever for a SIGKILLed worker's result; ordered_map raises."""
+    from pipelines.formats.children import WorkerDiedError, ordered_map
+
+    assert list(ordered_map(_die_on_seven, [1, 2, 3, 4], 2, chunk_size=1)) == [1, 4, 9, 16]
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=r"while working on file-7; nothing was written"):
+        list(ordered_map(_die_on_seven, list(range(40)), 2, chunk_size=2, describe=lambda i: f"file-{i}"))
+    assert time.monotonic() - t0 < 30
+
+
+def test_conversion_locks_its_output_directory(tmp_path):
+    """Before: two `make dataset` runs into one directory (different --seed) interleaved their files and
+    left a manifest that described neither."""
+    from pipelines.formats.convert import ConvertError
+    from ressl.run import RunLock
+
+    _class_sorted_tree(tmp_path / "src", classes=2, per_class=2)
+    source = build_source("folder", tmp_path / "src")
+    (tmp_path / "out" / "folder").mkdir(parents=True)
+    with RunLock(tmp_path / "out" / "folder"):
+        with pytest.raises(ConvertError, match=rf"being written by another conversion \(pid {os.getpid()} .*lock"):
+            convert(source, tmp_path / "out", ConvertOptions(formats=("rec",), **QUIET))
+    assert not (tmp_path / "out" / "folder" / "train.rec").exists()
+    convert(source, tmp_path / "out", ConvertOptions(formats=("rec",), **QUIET))  # released: it runs
+    assert sorted(p.name for p in (tmp_path / "out" / "folder").iterdir()) == ["manifest.json", "train.idx",
+                                                                              "train.rec"]
+
+
+def test_finished_check_verifies_the_recorded_hashes(tmp_path, caplog):
+    """Before: outputs another conversion wrote (another --seed: same size, same count) passed as
+    "finished" because only sizes were compared."""
+    _class_sorted_tree(tmp_path / "src", classes=2, per_class=5)
+    source = build_source("folder", tmp_path / "src")
+    convert(source, tmp_path / "a", ConvertOptions(formats=("rec",), seed=0, **QUIET))
+    convert(source, tmp_path / "b", ConvertOptions(formats=("rec",), seed=1, **QUIET))
+    a, b = tmp_path / "a" / "folder", tmp_path / "b" / "folder"
+    mine = _sha(a / "train.rec")
+    for f in ("train.rec", "train.idx"):
+        assert (a / f).stat().st_size == (b / f).stat().st_size
+        (a / f).write_bytes((b / f).read_bytes())
+    with caplog.at_level(logging.WARNING):
+        convert(source, tmp_path / "a", ConvertOptions(formats=("rec",), seed=0, **QUIET))
+    assert "SHA-256 differs from the manifest's" in caplog.text and "rebuilding it" in caplog.text
+    assert _sha(a / "train.rec") == mine
+
+
+@needs_ffcv
+def test_each_image_is_decoded_once_for_the_scan_the_rec_and_the_beton(tmp_path, monkeypatch):
+    """Before: the validity scan decoded every image, then FFCV's writer decoded it again."""
+    from PIL import ImageFile
+
+    rng = np.random.default_rng(3)
+    for k in range(12):
+        _save_q(tmp_path / "src" / f"c{k % 2}" / f"{k}.jpg", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), 90)
+    loads = []
+    real = ImageFile.ImageFile.load
+    # count decodes, not the cheap calls on an image already loaded (tile empty)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (self.tile and loads.append(self.size)) or real(self))
+    convert(build_source("folder", tmp_path / "src"), tmp_path / "out",
+            ConvertOptions(formats=("rec", "beton"), beton_mode="jpg", workers=1, **QUIET))
+    # one full-size decode per image (the auto-mode header read decodes nothing: no beton_mode=auto here)
+    assert loads == [(64, 48)] * 12
+    assert len(RecordIOReader(tmp_path / "out" / "folder" / "train.rec", tmp_path / "out" / "folder" /
+                              "train.idx")) == 12
+
+
+def test_symlink_loop_is_followed_once_in_conversion(tmp_path, caplog):
+    """Before: `ln -s . SRC/train/a/self` turned 6 images into 486 records, reported as success."""
+    _class_sorted_tree(tmp_path / "src" / "train", classes=2, per_class=3)
+    os.symlink(".", tmp_path / "src" / "train" / "c0" / "self")
+    with caplog.at_level(logging.WARNING):
+        manifest = convert(build_source("folder", tmp_path / "src"), tmp_path / "out",
+                           ConvertOptions(formats=("rec",), **QUIET))
+    assert manifest["splits"]["train"]["count"] == 6 and manifest["splits"]["train"]["skipped"] == 0
+    assert "c0/self: directory already listed (a symlink loop" in caplog.text

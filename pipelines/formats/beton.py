@@ -227,8 +227,12 @@ class BetonWriter:
             raise
 
     def abort(self) -> None:
+        """Drop the temporary file (a buffered write that fails again while closing is ignored)."""
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
         self.tmp.unlink(missing_ok=True)
 
 

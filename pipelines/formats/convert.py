@@ -389,6 +389,7 @@ def _encode_pass(
     what = "+".join(w for w, on in (("tree", want_tree), ("rec", want_rec), (f"beton {beton_mode}", fields),
                                     ("scan", True)) if on)
     writer = beton = None
+    published: list[Path] = []  # outputs of this pass already renamed into place, removed if a later one fails
     target = out
     t0 = time.perf_counter()
     try:
@@ -436,6 +437,7 @@ def _encode_pass(
             target = writer.rec_path
             writer.write_many(payloads, labels, ids)
             writer.close()
+            published += [writer.rec_path, writer.idx_path]
         if beton is not None:
             target = beton.path
             beton.close()
@@ -445,11 +447,14 @@ def _encode_pass(
             replace_dir(tree, out / split_name)
     except BaseException as e:
         if writer is not None:
-            writer.abort()
+            with contextlib.suppress(OSError):  # closing flushes, and may fail again (a full disk)
+                writer.abort()
         if beton is not None:
             beton.abort()
         if tree is not None:
             shutil.rmtree(tree, ignore_errors=True)
+        for p in published:
+            p.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise ConvertError(f"{source.name}/{split_name}: writing {target}: {e.strerror or e}") from None
         if isinstance(e, (WorkerDiedError, BetonError)):

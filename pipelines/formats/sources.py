@@ -239,7 +239,10 @@ class _Archive:
             return open(self.root / member, "rb")
         import tarfile
 
-        tf = tarfile.open(self.tar, "r:*")
+        try:
+            tf = tarfile.open(self.tar, "r:*")
+        except (OSError, EOFError, tarfile.TarError) as e:
+            raise SourceError(f"{self.tar}: cannot read the archive ({e})") from None
         try:
             f = tf.extractfile(f"{self.root.name}/{member}")
         except KeyError:
@@ -303,28 +306,39 @@ def _find_archive(src: Path | None, folder: str, archive: str, members: list[str
         candidates += [(src, None), (src / folder, None)] if src.name == folder else [(src / folder, None)]
         if (src / archive).is_file():
             candidates.append((src / folder, src / archive))
+    import tarfile
+
     for root, tar in candidates:
         arch = _Archive(root, tar)
         try:
             if all(arch.has(m) for m in members):
                 return arch
-        except (OSError, EOFError) as e:
-            raise SourceError(f"{tar}: cannot read the archive ({e}); {expected}") from e
+        except (OSError, EOFError, tarfile.TarError) as e:
+            why = "not a tar archive, compressed or plain" if isinstance(e, tarfile.ReadError) else str(e)
+            raise SourceError(f"{tar}: cannot read the archive ({why}); {expected}") from None
     raise SourceError(f"--src {src}: {expected}")
 
 
-def _unpickle(f: Any) -> dict[bytes, Any]:
+def _unpickle(f: Any, where: str) -> dict[bytes, Any]:
+    """A CIFAR batch file (a Python pickle of a dict); anything else is a SourceError naming ``where``."""
     import pickle
 
     # The official CIFAR archives are Python pickles; only open archives you trust.
-    return pickle.loads(f.read(), encoding="bytes")
+    try:
+        d = pickle.loads(f.read(), encoding="bytes")
+    except Exception as e:  # junk bytes raise UnpicklingError, EOFError, ValueError, KeyError, ...
+        raise SourceError(f"{where}: not a CIFAR batch (a Python pickle of a dict): {type(e).__name__}: {e}; "
+                          "the archive is damaged or not the official one") from None
+    if not isinstance(d, dict):
+        raise SourceError(f"{where}: not a CIFAR batch (holds a {type(d).__name__}, expected a dict)")
+    return d
 
 
 def _cifar_rows(arch: _Archive, members: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     rows, labels = [], []
     for m in members:
         with arch.open(m) as f:
-            d = _unpickle(f)
+            d = _unpickle(f, f"{arch.describe()}: {m}")
         if b"data" not in d or label_key not in d:
             raise SourceError(f"{arch.describe()}: {m} lacks keys b'data' / {label_key!r}")
         rows.append(np.asarray(d[b"data"], dtype=np.uint8))
@@ -371,7 +385,7 @@ def cifar_source(name: str = "cifar10", src: Path | None = None, out: Path | Non
 
     arch = _find_archive(src, folder, archive, [*train_m, *val_m, meta_m], download, out, name)
     with arch.open(meta_m) as f:
-        meta = _unpickle(f)
+        meta = _unpickle(f, f"{arch.describe()}: {meta_m}")
     if names_key not in meta:
         raise SourceError(f"{arch.describe()}: {meta_m} lacks {names_key!r}")
     classes = _label_order_names([n.decode() for n in meta[names_key]])

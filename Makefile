@@ -22,8 +22,8 @@ help:
 	@echo "make setup            create .venv/ and install ressl with all extras (+ Debian packages FFCV needs, as root)"
 	@echo "make train            demo dataset (if missing) + a short demo run with kNN before/after"
 	@echo "                      reads CONFIG OUT ARGS   e.g. make train ARGS=\"seed=1\" (training overrides key=value)"
-	@echo "make learn-check      demo data: random init vs MoCo v2 vs ReSSL vs TPAMI vs seed-004, one budget (table + JSON)"
-	@echo "                      reads CONFIG OUT ARGS   e.g. make learn-check ARGS=\"--seeds 0,1,2\""
+	@echo "make learn-check      demo data: random init vs MoCo v2 vs ReSSL (1x, 3x) vs TPAMI vs seed-004, one budget (table + JSON)"
+	@echo "                      reads CONFIG OUT SEEDS ARGS   e.g. make learn-check SEEDS=3 (seeds 0,1,2: mean +- sd)"
 	@echo "make train-graph      digits k-NN graph (if missing) + a short RGRL run with node accuracy before/after"
 	@echo "                      reads OUT ARGS"
 	@echo "make test             run the test suite (CPU)"
@@ -73,8 +73,8 @@ train:
 
 learn-check:
 	@test -d $(OUT)/demo/train || $(DATA_STEP) DATA=demo
-	@echo "==> tools/learncheck.py ($(CONFIG)): every variant at one budget -> runs/learncheck/learncheck.md, .json"
-	$(PY) tools/learncheck.py --config $(CONFIG) $(call DATA_OVERRIDE,demo) $(ARGS)
+	@echo "==> tools/learncheck.py ($(CONFIG)): every variant at one budget$(if $(SEEDS), $(SEEDS) seeds from 0) -> runs/learncheck/learncheck.md, .json"
+	$(PY) tools/learncheck.py --config $(CONFIG) $(if $(SEEDS),--num-seeds $(SEEDS)) $(call DATA_OVERRIDE,demo) $(ARGS)
 
 train-graph:
 	@test -f $(OUT)/digits-knn/graph.pt || $(DATA_STEP) DATA=digits-knn

@@ -395,3 +395,69 @@ def test_beton_is_skipped_with_a_warning_without_ffcv(tmp_path, monkeypatch, cap
     assert "FFCV is not installed" in caplog.text
     assert set(manifest["outputs"]) == {"train.rec"}
     assert not (tmp_path / "out" / "folder" / "train.beton").exists()
+
+
+def _run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args, "--no-progress"], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _tool_module():
+    spec = importlib.util.spec_from_file_location("dataset_tool_inproc", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_junk_cifar_archive_is_one_error_line_naming_the_file(tmp_path, caplog):
+    """Before: a junk cifar-10-python.tar.gz (or junk members inside a real tar) gave a tarfile/pickle traceback."""
+    junk = tmp_path / "junk" / "cifar-10-python.tar.gz"
+    junk.parent.mkdir()
+    junk.write_bytes(np.random.default_rng(0).bytes(4000))
+    rc = _run_tool("cifar10", "--src", str(junk.parent), "--out", str(tmp_path / "out"))
+    assert rc.returncode == 2 and "Traceback" not in rc.stderr
+    assert f"{junk}: cannot read the archive (not a tar archive, compressed or plain)" in rc.stderr
+    members = tmp_path / "members" / "cifar-10-batches-py"
+    members.mkdir(parents=True)
+    for m in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (members / m).write_bytes(b"not a pickle\n" * 20)
+    archive = _tar_gz(members, tmp_path / "members" / "cifar-10-python.tar.gz")
+    with caplog.at_level(logging.ERROR):
+        assert _tool_module().main(["cifar10", "--src", str(archive), "--out", str(tmp_path / "out")]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        f"{archive}: batches.meta: not a CIFAR batch (a Python pickle of a dict): UnpicklingError: invalid load "
+        "key, 'n'.; the archive is damaged or not the official one"]
+
+
+def test_verify_checks_every_output_against_the_manifest(tmp_path, caplog):
+    """`--verify` hashes every output; a .rec of the same size and count from another --seed fails it."""
+    tool = _tool_module()
+    src = tmp_path / "src"
+    for k in range(6):
+        _save(src / f"c{k % 2}" / f"{k}.png", _images(1, 10, 10, seed=k)[0], "PNG")
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert tool.main(["folder", "--src", str(src), "--out", str(tmp_path / name), "--formats", "rec",
+                          "--seed", seed, "--no-progress"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert tool.main(["folder", "--out", str(tmp_path / "a"), "--verify"]) == 0
+    assert "train.rec: matches the manifest (6 samples)" in caplog.text
+    caplog.clear()
+    (tmp_path / "a" / "folder" / "train.rec").write_bytes((tmp_path / "b" / "folder" / "train.rec").read_bytes())
+    with caplog.at_level(logging.INFO):
+        assert tool.main(["folder", "--out", str(tmp_path / "a"), "--verify"]) == 2
+    assert "train.rec: SHA-256 differs from the manifest's" in caplog.text and "1 of 1 outputs" in caplog.text
+    assert tool.main(["folder", "--out", str(tmp_path / "nowhere"), "--verify"]) == 2
+    assert "no manifest listing outputs" in caplog.text
+
+
+def test_workers_default_to_every_core_this_process_may_use(tmp_path, caplog):
+    """Before: `make dataset` used one process by default (FFCV's own writer uses every core)."""
+    tool = _tool_module()
+    cores = len(os.sched_getaffinity(0))
+    assert ConvertOptions().workers == cores and tool.parse_args(["demo"]).workers is None
+    for k in range(4):
+        _save(tmp_path / "src" / f"c{k % 2}" / f"{k}.png", _images(1, 8, 8, seed=k)[0], "PNG")
+    with caplog.at_level(logging.INFO):
+        assert tool.main(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--formats",
+                          "rec", "--no-progress"]) == 0
+    assert f"img/s, {cores} workers)" in caplog.text

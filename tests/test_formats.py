@@ -326,3 +326,41 @@ def test_one_synthetic_jpeg_generator(tmp_path):
     sys.modules.setdefault("benchdata_probe", module)
     spec.loader.exec_module(module)
     assert module.make_jpeg is synthetic.make_jpeg and module.GENERATOR_VERSION == synthetic.GENERATOR_VERSION
+
+
+def test_beton_writer_writes_what_ffcvs_dataset_writer_writes(tmp_path):
+    """Our streaming writer (FFCV's own field encoders, our page layout) against FFCV's DatasetWriter with
+    one worker, byte for byte, in every mode; and a raw image over one page is downscaled to fit."""
+    pytest.importorskip("ffcv", reason="FFCV is not installed (the [ffcv] extra)")
+    from ffcv.writer import DatasetWriter
+
+    from pipelines.formats.beton import beton_fields, write_beton
+
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, 256, (int(rng.integers(8, 40)), int(rng.integers(8, 40)), 3), dtype=np.uint8),
+                i % 7) for i in range(40)]
+
+    class Seeded:  # what write_beton seeds before each encode (proportion mode's coin)
+        def __len__(self) -> int:
+            return len(samples)
+
+        def __getitem__(self, i: int):
+            np.random.seed([3, i])
+            return samples[i]
+
+    for mode in ("raw", "jpg", "proportion"):
+        ours, theirs = tmp_path / f"ours-{mode}.beton", tmp_path / f"ffcv-{mode}.beton"
+        write_beton(ours, samples, mode=mode, num_workers=2, chunk_size=3, seed=3)
+        DatasetWriter(str(theirs), beton_fields(mode), num_workers=1).from_indexed_dataset(Seeded(), chunksize=100)
+        assert ours.read_bytes() == theirs.read_bytes(), mode
+    big = tmp_path / "big.beton"
+    write_beton(big, [(np.full((1800, 2400, 3), 7, np.uint8), 1), (samples[0][0], 2)], mode="raw")
+    got, _ = _read_beton_sizes(big)
+    assert got[0][0] * got[0][1] * 3 <= 1 << 23 and got[1] == samples[0][0].shape[:2]
+
+
+def _read_beton_sizes(path) -> tuple[list[tuple[int, int]], np.ndarray]:
+    from pipelines.samples import BetonSamples
+
+    b = BetonSamples(path)
+    return list(zip(b.meta["height"].tolist(), b.meta["width"].tolist())), b.labels

@@ -277,3 +277,85 @@ def test_knn_monitor_says_once_why_it_is_off(tmp_path, caplog):
         got = [train.knn_monitor(cfg, SPEC, torch.nn.Identity(), CPU) for _ in range(3)]
     assert got == [None, None, None]
     assert caplog.text.count("kNN monitor off") == 1 and "no split 'val'" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs checked against the manifest; loops; all-bad data (issue "Reliability, second round")
+
+
+def _converted(root: Path, per_class: int, seed: int = 0, formats=("rec", "folder")) -> Path:
+    """A folder source of 2 classes converted into root/out/folder (tree copy via --classes-free source)."""
+    from pipelines.formats.convert import ConvertOptions, convert
+    from pipelines.formats.sources import build_source
+
+    for c in range(2):
+        d = root / "src" / f"c{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (d / f"{i}.png").write_bytes(_png(100 * c + i + seed))
+    source = build_source("folder", root / "src")
+    source.folder_splits.clear()  # a copied tree, whose file count the manifest records
+    convert(source, root / "out", ConvertOptions(formats=formats, progress=False, workers=1))
+    return root / "out" / "folder"
+
+
+def test_loaders_refuse_outputs_that_do_not_match_the_manifest(tmp_path):
+    """Before: a foreign .rec/.idx under a manifest listing 12 images trained on 40, an .idx cut short
+    trained on what was left, and a tree with extra files trained on them, all silently."""
+    from pipelines.formats.manifest import ManifestMismatchError
+
+    small = _converted(tmp_path / "small", per_class=6)
+    big = _converted(tmp_path / "big", per_class=20)
+    assert len(RecordSamples(small / "train.rec", small / "train.idx")) == 12  # matching: opens
+    assert len(TreeSamples(small / "train")) == 12
+    for f in ("train.rec", "train.idx"):
+        shutil.copy(big / f, small / f)
+    with pytest.raises(ManifestMismatchError, match=r"train.idx \(the index\) holds 40 samples but .*manifest.json "
+                                                    r"lists 12 for train.rec; .*--force"):
+        RecordSamples(small / "train.rec", small / "train.idx")
+    lines = (big / "train.idx").read_text().splitlines(keepends=True)
+    (big / "train.idx").write_text("".join(lines[:30]))
+    with pytest.raises(ManifestMismatchError, match="holds 30 samples but .* lists 40"):
+        RecordSamples(big / "train.rec", big / "train.idx")
+    shutil.rmtree(big / "train")  # the eval loader then reads the .rec, and checks it the same way
+    with pytest.raises(ManifestMismatchError, match="holds 30 samples"):
+        find_split(big, "train")
+    (small / "train" / "c0" / "extra.png").write_bytes(_png(999))
+    with pytest.raises(ManifestMismatchError, match=r"image folder .*small/out/folder/train holds 13 samples"):
+        build_torchvision_loader(LoaderConfig.of(_cfg(small)), SPEC, split="train", device=CPU, rank=0,
+                                 world_size=1)
+
+
+@needs_ffcv
+def test_a_foreign_beton_under_a_manifest_is_refused(tmp_path):
+    from pipelines.formats.manifest import ManifestMismatchError
+    from pipelines.samples import BetonSamples
+
+    small = _converted(tmp_path / "small", per_class=6, formats=("beton",))
+    big = _converted(tmp_path / "big", per_class=20, seed=1, formats=("beton",))
+    assert len(BetonSamples(small / "train.beton")) == 12
+    shutil.copy(big / "train.beton", small / "train.beton")
+    with pytest.raises(ManifestMismatchError, match=r"train.beton holds 40 samples but .* lists 12"):
+        BetonSamples(small / "train.beton")
+
+
+def test_symlink_loop_is_listed_once_by_the_tree_loaders(bad_tree, caplog):
+    """Before: `ln -s . train/c0/self` made the torchvision backend read 61 batches from 12 files."""
+    before = len(TreeSamples(bad_tree / "train"))
+    os.symlink(".", bad_tree / "train" / "c0" / "self")
+    os.symlink("../c0", bad_tree / "train" / "c0" / "twin")  # a second way into the same folder
+    with caplog.at_level(logging.WARNING):
+        assert len(TreeSamples(bad_tree / "train")) == before == len(ImageFolderFiles(bad_tree / "train"))
+    assert "c0/self: directory already listed" in caplog.text and "c0/twin: directory already listed" in caplog.text
+
+
+def test_all_bad_files_stop_before_training_naming_the_directory(tmp_path):
+    """Before: a split whose every file was bad reached the training loop."""
+    from pipelines.samples import NoReadableSamplesError
+
+    for c in range(2):
+        (tmp_path / "train" / f"c{c}").mkdir(parents=True)
+        (tmp_path / "train" / f"c{c}" / "empty.jpg").write_bytes(b"")
+        (tmp_path / "train" / f"c{c}" / "noise.png").write_bytes(np.random.default_rng(c).bytes(300))
+    with pytest.raises(NoReadableSamplesError, match=rf"{tmp_path / 'train'}: none of its 4 samples decodes"):
+        bad_samples(TreeSamples(tmp_path / "train"))

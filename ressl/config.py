@@ -27,14 +27,24 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RESUME_CHANGEABLE", "Config", "ConfigError", "load_config", "parse_overrides", "read_preset",
-           "resume_changes", "run_tool"]
+__all__ = ["RESUME_CHANGEABLE", "Config", "ConfigError", "RunError", "load_config", "parse_overrides",
+           "read_preset", "resume_changes", "run_tool"]
 
 log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot work; the message names it."""
+
+
+class RunError(RuntimeError):
+    """A run stopped by a condition its message explains in full (a NaN loss, a disk that is full): the
+    tools print the message alone and exit with status 2, as for a :class:`ConfigError`."""
+
+
+# Longest run name: it is a directory name (255 bytes on Linux file systems) that also gets a
+# ".replaced-YYYYmmdd-HHMMSS" sibling when a run is overwritten.
+MAX_NAME_BYTES = 200
 
 
 @dataclass
@@ -44,6 +54,7 @@ class Config:
     out_dir: str = "runs"
     seed: int = 0
     resume: str = "auto"  # "auto" = continue from {out_dir}/{name}/last.pt if present; "no"; or a path
+    overwrite: bool = False  # with resume=no: move an existing run's outputs to {name}.replaced-DATE/ first
 
     # --- data ------------------------------------------------------------------------------------
     data: str = "data/imagenet"  # directory with train/ val/ (ImageFolder) and/or train.beton, train.rec
@@ -103,7 +114,7 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ConfigError for impossible values; return self for chaining."""
-        errs = []
+        errs = self._run_errors()
         positive = ["shuffle_bn_splits", "batch_size", "epochs", "queue_size", "proj_hidden", "proj_dim",
                     "pred_hidden", "log_every", "ckpt_every", "knn_k"]
         errs += [f"{k} must be > 0, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
@@ -127,7 +138,7 @@ class Config:
             errs.append(f"backend must be one of auto/torchvision/dali/ffcv, got {self.backend!r}")
         if self.w_rel == 0 and self.w_sim == 0:
             errs.append("w_rel and w_sim are both 0: there is no loss to train")
-        if self.queue_size % self.batch_size:
+        if self.batch_size > 0 and self.queue_size % self.batch_size:
             errs.append(f"queue_size={self.queue_size} must be a multiple of the global batch_size={self.batch_size}")
         try:
             from ressl.models import check_backbone_name
@@ -139,10 +150,36 @@ class Config:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
         return self
 
+    def _run_errors(self) -> list[str]:
+        """Name, output directory and seed: the run directory must be one new entry inside ``out_dir``."""
+        errs = []
+        name = self.name
+        if not name.strip():
+            errs.append("name must not be empty: it is the run directory inside out_dir")
+        elif name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+            errs.append(f"name={name!r} must be a plain directory name (no '/', not '.' or '..'): runs are "
+                        f"written to out_dir/name, and out_dir={self.out_dir!r} says where")
+        elif len(name.encode()) > MAX_NAME_BYTES:
+            errs.append(f"name is {len(name.encode())} bytes long; at most {MAX_NAME_BYTES} (it is a directory name)")
+        elif not name.isprintable():
+            errs.append(f"name={name!r} contains control characters")
+        if not self.out_dir.strip():
+            errs.append("out_dir must not be empty (default: runs)")
+        if not 0 <= self.seed < 2**32:
+            errs.append(f"seed must be in [0, 2**32 - 1] (NumPy's and the loaders' seed range), got {self.seed}")
+        if self.overwrite and self.resume != "no":
+            errs.append(f"overwrite=true starts the run over: use it with resume=no (got resume={self.resume!r})")
+        return errs
+
     def check_world(self, num_processes: int) -> None:
         """Checks that need the process count (known only once Accelerate has started)."""
         if self.batch_size % num_processes:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by {num_processes} processes")
+        per_process = self.batch_size // num_processes
+        if per_process % self.shuffle_bn_splits:
+            raise ConfigError(f"shuffle_bn_splits={self.shuffle_bn_splits} must divide the per-process batch "
+                              f"{per_process} (batch_size={self.batch_size} over {num_processes} processes): "
+                              "BN groups are equal slices of it")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,7 +200,7 @@ class Config:
 # other key (batch, model, queue, method, recipe and its overrides, seed, and any key added later
 # unless listed here) fixes what the checkpoint holds or how the run continues, and must not change.
 RESUME_CHANGEABLE = frozenset({
-    "name", "out_dir", "resume", "data", "backend", "num_workers", "num_threads", "ffcv_os_cache",
+    "name", "out_dir", "resume", "overwrite", "data", "backend", "num_workers", "num_threads", "ffcv_os_cache",
     "ffcv_batches_ahead", "channels_last", "precision", "compile",
     "epochs", "max_steps", "lr", "weight_decay", "sgd_momentum", "warmup_epochs",
     "log_every", "knn_every", "knn_k", "knn_t", "knn_before", "ckpt_every",
@@ -219,8 +256,30 @@ def _format(v: Any) -> str:
     return str(v)
 
 
+class DuplicateKeyError(ConfigError):
+    """A YAML mapping sets one key twice (message: the key and both lines)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats: ``1e-3`` and ``1e9`` are numbers, not strings as in YAML 1.1."""
+    """SafeLoader with YAML 1.2 floats (``1e-3`` and ``1e9`` are numbers, not strings as in YAML 1.1) and
+    no duplicate keys: PyYAML lets the last of two equal keys win silently, so a line appended to a preset
+    would change the run without a word. YAML 1.2 requires unique keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(f"key {key!r} is set twice, on line {first} and on line {line}; keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -240,19 +299,21 @@ def parse_value(text: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"value {text!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"value {text!r}: {e}") from None
 
 
 def run_tool(main: Callable[[], Any]) -> Any:
-    """Run a tool's entry point; a :class:`ConfigError` or a missing file (a checkpoint, a dataset, an
-    index: ``FileNotFoundError``, whose message names the path) prints its message alone and exits with
-    status 2.
+    """Run a tool's entry point; a :class:`ConfigError`, a :class:`RunError` or a missing file (a
+    checkpoint, a dataset, an index: ``FileNotFoundError``, whose message names the path) prints its
+    message alone and exits with status 2.
 
     For ``if __name__ == "__main__":`` blocks: a bad key, value or path is the user's to fix, and a
     traceback would bury the one line that says which.
     """
     try:
         return main()
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, RunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -312,6 +373,8 @@ def read_preset(path: str | Path) -> dict[Any, Any]:
             raw = yaml.load(f, Loader=_Loader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{path}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(raw).__name__}")
     return raw

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
-from .io import atomic_open
+from .config import ConfigError, RunError
+from .io import atomic_open, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ __all__ = [
     "RunLog",
     "load_optimizer_state",
     "lr_lambda",
+    "move_run_aside",
     "plot_curves",
+    "run_outputs",
     "save_checkpoint",
 ]
 
@@ -43,7 +45,7 @@ TRAIN_FIELDS = ("step", "epoch", "loss", "loss_rel", "loss_nce", "loss_sim", "ke
                 "infonce_weight", "images_per_s", "knn_top1")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """Training produced a NaN or inf loss; the run stops before saving anything from that state."""
 
 
@@ -86,10 +88,67 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: torch.opti
     scheduler.load_state_dict(state)
 
 
+class _WriteErrors:
+    """A file that remembers the OSError of a failed write: torch.save's zip writer turns a short write
+    (a full disk) into its own "unexpected pos" RuntimeError, which does not say what happened."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically (temp file, fsync, rename): a kill at any moment leaves the old or the new file."""
-    with atomic_open(path) as f:
-        torch.save(state, f)
+    """Write atomically (temp file, fsync, rename): a kill at any moment leaves the old or the new file.
+
+    Raises:
+        RunError: the file could not be written (disk full, file too large, permission); the previous
+            checkpoint, if any, is left as it was and the temp file is removed.
+    """
+    sink = None
+    try:
+        with atomic_open(path) as f:
+            sink = _WriteErrors(f)
+            torch.save(state, sink)
+    except OSError as e:
+        raise RunError(f"disk full / could not write {path}: {e.strerror or e}") from None
+    except RuntimeError:
+        if sink is None or sink.error is None:
+            raise
+        raise RunError(f"disk full / could not write {path}: {sink.error.strerror or sink.error}") from None
+
+
+def run_outputs(run_dir: Path) -> list[str]:
+    """Names of the earlier run's outputs in ``run_dir`` (its own files, ``eval*.json`` and any other
+    file but the lock and temporaries): what a fresh start there would replace or leave stale."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(e.name for e in run_dir.iterdir() if e.name != ".lock" and ".tmp-" not in e.name)
+
+
+def move_run_aside(run_dir: Path) -> Path:
+    """Move every output of ``run_dir`` (not its lock, which the caller holds) into a new sibling
+    ``NAME.replaced-YYYYmmdd-HHMMSS``; returns it. Nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
+    dest.mkdir()
+    for name in run_outputs(run_dir):
+        os.replace(run_dir / name, dest / name)
+    fsync_dir(dest)
+    fsync_dir(run_dir)
+    return dest
 
 
 def plot_curves(csv_path: Path, png_path: Path, keys: Sequence[str] | None = None) -> None:
@@ -243,7 +302,10 @@ class RunLock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # read-only file system or directory, not a directory, ...
+                raise ConfigError(f"cannot write in the run directory {self.path.parent}: {e.strerror or e}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -128,3 +128,51 @@ def test_config_does_not_import_pipelines():
     code = "import sys, ressl.config; print('pipelines' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_duplicate_key_in_a_preset_is_refused_naming_both_lines(tmp_path):
+    """A line appended to a preset must not silently win over the key already set above it."""
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    lines = demo.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines, start=1) if line.startswith("lr:"))
+    p = tmp_path / "demo.yaml"
+    p.write_text("\n".join(lines) + "\nlr: 100.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: key 'lr' is set twice, on line {first} and on line {len(lines) + 1}"), msg
+    dup = tmp_path / "nested.yaml"
+    dup.write_text("recipe.weak.scale: [0.5, 1.0]\nepochs: 3\nrecipe.weak.scale: [0.2, 1.0]\n")
+    with pytest.raises(ConfigError, match=r"key 'recipe.weak.scale' is set twice, on line 1 and on line 3"):
+        load_config(dup)
+    with pytest.raises(ConfigError, match=r"key 'a' is set twice, on line 1 and on line 1"):
+        load_config(None, ["recipe.weak.scale={a: 1, a: 2}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    (["batch_size=0", "queue_size=64"], "batch_size must be > 0, got 0"),
+    (["seed=-1"], "seed must be in [0, 2**32 - 1]"),
+    (["seed=1e23"], "seed must be in [0, 2**32 - 1]"),
+    (["name="], "name must not be empty"),
+    (["name= "], "name must not be empty"),
+    (["name=../../etc"], "name='../../etc' must be a plain directory name"),
+    (["name=.."], "must be a plain directory name"),
+    (["name=a/b"], "must be a plain directory name"),
+    (["name=" + "x" * 300], "name is 300 bytes long; at most 200"),
+    (["out_dir="], "out_dir must not be empty"),
+    (["overwrite=true"], "overwrite=true starts the run over: use it with resume=no"),
+])
+def test_run_keys_fail_fast(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert message in str(e.value)
+
+
+def test_world_checks_split_batchnorm_groups():
+    cfg = load_config(None, ["batch_size=8", "queue_size=64", "shuffle_bn_splits=16"])  # fine without a world
+    with pytest.raises(ConfigError, match=r"shuffle_bn_splits=16 must divide the per-process batch 8"):
+        cfg.check_world(1)
+    cfg = load_config(None, ["batch_size=16", "queue_size=64", "shuffle_bn_splits=4"])
+    cfg.check_world(2)  # 8 per process, 4 groups of 2
+    with pytest.raises(ConfigError, match=r"per-process batch 4 \(batch_size=16 over 4 processes\)"):
+        load_config(None, ["batch_size=16", "queue_size=64", "shuffle_bn_splits=8"]).check_world(4)

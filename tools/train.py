@@ -17,14 +17,21 @@ written atomically), summary.json. A run holds runs/NAME/.lock while it trains: 
 same name is refused, naming the holder.
 
 ``resume=auto`` (the default) continues from runs/NAME/last.pt; ``resume=PATH`` from another checkpoint;
-``resume=no`` starts over. On resume the checkpoint's config is compared with the current one: lr,
-weight decay, schedule length (``epochs`` / ``max_steps`` / ``warmup_epochs``), logging, checkpoint and
-kNN cadence, paths and speed options may change and take effect; batch, model, queue, method, seed and
-recipe (overrides included) may not, and the run is refused with the list of differences. The lr is a
-pure function of the step and the current schedule: with a longer schedule, training continues at the
-lr the new schedule has at the resumed step (the cosine is re-spread over the new total, as if the run
-had been planned that long). A finished run re-run with the same command says so and exits without
-touching its outputs.
+``resume=no`` starts over, and is refused where runs/NAME already holds outputs unless ``overwrite=true``
+also says to move them to a dated sibling runs/NAME.replaced-YYYYmmdd-HHMMSS/ first. On resume the
+checkpoint's config is compared with the current one: lr, weight decay, schedule length (``epochs`` /
+``max_steps`` / ``warmup_epochs``), logging, checkpoint and kNN cadence, paths and speed options may
+change and take effect; batch, model, queue, method, seed and recipe (overrides included) may not, and
+the run is refused with the list of differences. The lr is a pure function of the step and the current
+schedule: with a longer schedule, training continues at the lr the new schedule has at the resumed step
+(the cosine is re-spread over the new total, as if the run had been planned that long). A finished run
+re-run with the same command says so and exits without touching its outputs.
+
+A collapse monitor reads the logged ``loss_rel`` and ``key_std``: it warns once when the relation loss
+sits at log K with nearly identical teacher keys for a stretch of the run, and a run that ends with
+collapsed keys says so in its last line and in summary.json. Exit status: 0 trained (or already
+finished); 2 stopped with a message alone (a bad config, data or path, a NaN/inf loss, a full disk);
+3 trained to the end but collapsed (outputs written); 1 anything else (a bug: with a traceback).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -51,18 +58,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipelines import build_loader  # noqa: E402
 from pipelines.eval import build_eval_loader, eval_problem  # noqa: E402
 from pipelines.spec import RecipeError, RecipeSpec, resolve_recipe  # noqa: E402
-from ressl.config import Config, ConfigError, load_config, resume_changes, run_tool  # noqa: E402
+from ressl.config import Config, ConfigError, RunError, load_config, resume_changes, run_tool  # noqa: E402
 from ressl.ema import momentum_at  # noqa: E402
-from ressl.eval import extract_features, knn_accuracy  # noqa: E402
+from ressl.eval import extract_features, knn_accuracy, load_checkpoint  # noqa: E402
 from ressl.io import atomic_write_json, remove_stale_temps  # noqa: E402
 from ressl.method import ReSSL, infonce_weight  # noqa: E402
+from ressl.monitor import CollapseMonitor  # noqa: E402
 from ressl.run import (  # noqa: E402
     NonFiniteLossError,
     RunLock,
     RunLog,
     load_optimizer_state,
     lr_lambda,
+    move_run_aside,
     plot_curves,
+    run_outputs,
     save_checkpoint,
 )
 from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision  # noqa: E402
@@ -71,6 +81,10 @@ log = logging.getLogger("train")
 
 # metrics.csv columns drawn in curves.png, in panel order
 CURVES = ("loss", "loss_rel", "loss_nce", "loss_sim", "key_std", "lr", "momentum", "knn_top1", "images_per_s")
+# what a checkpoint must hold to be resumed (every checkpoint this tool writes has all of it)
+RESUME_KEYS = ("model", "optimizer", "step", "epoch", "batch", "rng_cpu", "config")
+# exit status of a run that trained to the end with collapsed embeddings (0 trained, 2 stopped with a message)
+EXIT_COLLAPSED = 3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -101,7 +115,7 @@ def knn_monitor(cfg: Config, spec: RecipeSpec, backbone: torch.nn.Module, device
 
 
 # ---------------------------------------------------------------------------------------------------
-# helpers: recipe, resume, NaN advice
+# helpers: recipe, run directory, resume, NaN advice
 # ---------------------------------------------------------------------------------------------------
 def resolve_spec(cfg: Config) -> RecipeSpec:
     """The run's recipe (preset + ``recipe.*`` overrides), looked up once; a bad one is a ConfigError."""
@@ -109,6 +123,49 @@ def resolve_spec(cfg: Config) -> RecipeSpec:
         return resolve_recipe(cfg.recipe, cfg.recipe_overrides)
     except RecipeError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_view_memory(cfg: Config, spec: RecipeSpec, device: torch.device, num_processes: int) -> None:
+    """Refuse views whose input batch alone would take over 1/8 of the device's memory: a typo such as
+    ``recipe.weak.size=100000`` (120 GB per float32 view) otherwise decodes and resizes for hours, or
+    until memory runs out, before the first step could fail. Real recipes are far below the bound
+    (ImageNet at 224 px: 1.2 MB per image and view)."""
+    import psutil
+
+    per_process = cfg.batch_size // num_processes
+    need = per_process * sum(3 * v.size**2 * 4 for v in spec.views)  # float32 views of one batch
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else psutil.virtual_memory().total)
+    if need > total / 8:
+        sizes = ", ".join(f"recipe.{v.name}.size={v.size}" for v in spec.views)
+        raise ConfigError(f"views too large: {sizes} at {per_process} images per process take {need / 1e9:.1f} GB "
+                          f"as float32 input alone, over 1/8 of the {total / 1e9:.1f} GB of {device.type} memory "
+                          "(the networks' activations need many times more); lower the view sizes (the paper's "
+                          "largest view is 224 px)")
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool) -> list[str]:
+    """Check that ``run_dir`` can be used, create it (main process); returns the earlier outputs that a
+    fresh start with ``overwrite=true`` moves aside. A fresh start over outputs without it is refused."""
+    earlier = run_outputs(run_dir) if cfg.resume == "no" and run_dir.is_dir() else []
+    if earlier and not cfg.overwrite:
+        summary = run_dir / "summary.json"
+        finished = ""
+        if summary.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                finished = f"; a finished run of {json.loads(summary.read_text()).get('steps')} steps"
+        raise ConfigError(
+            f"run {cfg.name!r} already has outputs in {run_dir} ({', '.join(earlier)}{finished}): resume=no would "
+            f"replace some and leave the others stale. Start fresh under another name (name={cfg.name}-2), or add "
+            f"overwrite=true to move the old outputs to {run_dir}.replaced-<date>/ first, or drop resume=no to "
+            "continue the run")
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out_dir={cfg.out_dir!r}, name={cfg.name!r}: cannot create the run directory "
+                              f"{run_dir}: {e.strerror or e}") from None
+    return earlier
 
 
 def find_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
@@ -122,6 +179,27 @@ def find_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file (use auto, no, or a last.pt path)")
     return path
+
+
+def read_resume_state(path: Path) -> dict[str, Any]:
+    """The checkpoint to resume from, read with ``weights_only=True``. A file that is not one is a
+    ConfigError that says what it is, in the words of ``ressl.eval.load_checkpoint`` (tools/eval.py's
+    reader), which is asked only when the file fails here."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - the reader below re-reads the file and says what it is
+        load_checkpoint(path)
+        raise
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        names = ", ".join(repr(k) for k in list(state)[:3])
+        raise ConfigError(f"{path} is not a trainer checkpoint: it is a bare state_dict of {len(state)} tensors "
+                          f"({names}, ...), weights only (as tools/export.py or torchvision write them), without "
+                          "the optimiser, step and config a run resumes from; start this run with resume=no")
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        load_checkpoint(path)  # not a trainer checkpoint at all: its message says what the file holds
+        raise ConfigError(f"{path} is a trainer checkpoint without {missing}, which resuming needs")
+    return state
 
 
 def check_resume_config(state: dict[str, Any], cfg: Config, path: Path) -> None:
@@ -176,14 +254,17 @@ def main(cfg: Config) -> dict[str, Any]:
         mixed_precision=precision, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)]
     )
     cfg.check_world(accelerator.num_processes)
+    check_view_memory(cfg, spec, accelerator.device, accelerator.num_processes)
     run_dir = Path(cfg.out_dir) / cfg.name
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    else:
+    earlier = prepare_run_dir(cfg, run_dir, accelerator.is_main_process)
+    if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one process speaks
     # the main process holds the run directory until the end (released on any exit, dropped by the
     # kernel if the process is killed)
     with RunLock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        if earlier and accelerator.is_main_process:  # resume=no overwrite=true, under the lock
+            log.warning("overwrite=true: moved the earlier outputs of %s to %s", run_dir, move_run_aside(run_dir))
+        accelerator.wait_for_everyone()
         return _train(cfg, spec, accelerator, precision, run_dir)
 
 
@@ -199,12 +280,15 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
     resume_from = find_checkpoint(cfg, run_dir)
     state: dict[str, Any] = {}
     if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        state = read_resume_state(resume_from)
         check_resume_config(state, cfg, resume_from)
 
     # --- data -----------------------------------------------------------------------------------------
-    loader = build_loader(cfg, cfg.backend, split=cfg.train_split, device=device,
-                          rank=accelerator.process_index, world_size=accelerator.num_processes, spec=spec)
+    try:
+        loader = build_loader(cfg, cfg.backend, split=cfg.train_split, device=device,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes, spec=spec)
+    except ValueError as e:  # the data does not fit the config (too few readable samples for the batch, ...)
+        raise ConfigError(f"data={cfg.data!r}: {e}") from None
     steps_per_epoch = len(loader)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -214,7 +298,8 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
                 else {"name": cfg.name, "steps": state["step"]})
         if accelerator.is_main_process:
             print(f"run {cfg.name!r} is already finished ({state['step']} of {total_steps} steps; {run_dir}). "
-                  "Raise epochs= or max_steps= to train longer, or use resume=no or another name= to start over.")
+                  "Raise epochs= or max_steps= to train longer, or start over under another name= (or with "
+                  "resume=no overwrite=true, which moves this run aside).")
         accelerator.end_training()
         return done
     log.info("backend %s, %d batches of %d per process per epoch, %d processes, %d steps, precision %s",
@@ -248,16 +333,23 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
         if batch >= steps_per_epoch:  # the epoch is complete: resume at the start of the next one
             epoch, batch = epoch + 1, 0
         accelerator.wait_for_everyone()
+        history["collapse"] = collapse.state_dict()
         if accelerator.is_main_process:
-            save_checkpoint(ckpt_path, {
-                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batch": batch,
-                "history": history, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict(),
-                "log_rows": runlog.rows,
-            })
+            try:
+                save_checkpoint(ckpt_path, {
+                    "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batch": batch,
+                    "history": history, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict(),
+                    "log_rows": runlog.rows,
+                })
+            except RunError:  # e.g. a full disk: the message goes on its own line, after the progress bar's
+                bar.close()
+                raise
 
     runlog = RunLog(run_dir, accelerator.is_main_process, resume_step=step if state else None,
                     keep_rows=state.get("log_rows"))
+    collapse = CollapseMonitor(cfg.queue_size, cfg.proj_dim, total_steps, cfg.log_every, cfg.warmup_infonce_epochs)
+    collapse.load_state_dict(history.get("collapse"))
 
     def monitor(tag: str) -> float | None:
         acc = None
@@ -271,6 +363,7 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
         return acc
 
     def nonfinite_error() -> NonFiniteLossError:
+        bar.close()  # the message goes on its own line, after the progress bar's
         return NonFiniteLossError(nan_message(cfg, step, epoch, scheduler.get_last_lr()[0], ckpt_path,
                                               accelerator.num_processes))
 
@@ -308,6 +401,10 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
                 losses.append(vals["loss"])
                 runlog.row(step, epoch=epoch, lr=scheduler.get_last_lr()[0], momentum=m, infonce_weight=w_nce,
                            images_per_s=ips, **vals)
+                warning = collapse.observe(step, vals["loss_rel"], vals["key_std"], w_nce,
+                                           relation_trained=cfg.w_rel > 0)
+                if warning and accelerator.is_main_process:
+                    log.warning(warning)
                 bar.set_postfix(loss=f"{vals['loss']:.4f}", m=f"{m:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}",
                                 img_s=f"{ips:.0f}")
             if step % cfg.ckpt_every == 0 and step < total_steps:
@@ -331,6 +428,8 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
     checkpoint(*position)  # where a longer schedule would continue
     teacher_sum = torch.stack([p.detach().double().sum() for p in core.teacher.parameters()]).sum()
     teacher_sums = accelerator.gather(teacher_sum.reshape(1).to(device)).tolist()
+    verdict = [collapse.verdict()]
+    broadcast_object_list(verdict)  # every process ends with the main process's verdict (and exit status)
     summary = {
         "name": cfg.name, "steps": step, "epochs": epoch + 1, "num_processes": accelerator.num_processes,
         "precision": precision, "backend": type(loader).__name__, "losses": losses,
@@ -338,6 +437,7 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
         "images_per_s": images_per_step * (step - step_start) / elapsed if step > step_start else None,
         "teacher_checksums": teacher_sums, "queue_ptr": int(core.queue.ptr),
         "bad_files": getattr(loader, "bad_files", 0),
+        "collapsed": verdict[0]["collapsed"], "collapse": verdict[0],
         "recipe": cfg.recipe, "recipe_overrides": cfg.recipe_overrides, "config": cfg.to_dict(),
     }
     if accelerator.is_main_process:
@@ -347,8 +447,13 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
         kb = "n/a" if summary["knn_before"] is None else f"{summary['knn_before']:.2f}%"
         ka = "n/a" if final_knn is None else f"{final_knn:.2f}%"
         ips = summary["images_per_s"]
-        print(f"done: {step} steps, kNN top-1 before {kb} -> after {ka}, "
-              f"{'n/a' if ips is None else f'{ips:.0f}'} images/s; logs in {run_dir}")
+        figures = (f"{step} steps, kNN top-1 before {kb} -> after {ka}, "
+                   f"{'n/a' if ips is None else f'{ips:.0f}'} images/s; logs in {run_dir}")
+        if summary["collapsed"]:
+            print(f"COLLAPSED: {figures}. {verdict[0]['message']}; summary.json has \"collapsed\": true "
+                  f"(exit status {EXIT_COLLAPSED})")
+        else:
+            print(f"done: {figures}")
     accelerator.end_training()
     return summary
 
@@ -361,6 +466,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return load_config(a.config, a.overrides)
 
 
+def exit_status(summary: dict[str, Any]) -> int:
+    """0 for a run that trained (or was already finished), EXIT_COLLAPSED for one that ended collapsed."""
+    return EXIT_COLLAPSED if summary.get("collapsed") else 0
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_tool(lambda: main(parse_args()))
+    sys.exit(exit_status(run_tool(lambda: main(parse_args()))))

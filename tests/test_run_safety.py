@@ -1,0 +1,250 @@
+"""tools/train.py under misuse: no result lost, no run reported as success in a wrong state, and every bad
+input stopped before the work with its message alone (exit 2).
+
+Covers a fresh start over an existing run, checkpoints that are not one, run directories that cannot be
+written, data that cannot fill a batch, views that cannot fit, a disk that fills at checkpoint time, the
+NaN stop as the tool prints it, and a run that ends collapsed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import train  # noqa: E402
+
+import ressl.io  # noqa: E402
+from ressl.config import ConfigError, RunError, load_config, run_tool  # noqa: E402
+
+SMALL = ["recipe=cifar32", "backbone=resnet18_w32", "proj_hidden=32", "proj_dim=16", "queue_size=32",
+         "batch_size=8", "num_workers=0", "channels_last=false", "warmup_epochs=0", "knn_every=0", "knn_k=5",
+         "momentum=0.9", "log_every=1", "lr=0.2"]
+
+
+def small_cfg(data, out, *extra):
+    return load_config(None, [f"data={data}", f"out_dir={out}", *SMALL, *extra])
+
+
+def tool(capsys, cfg) -> tuple[int, str]:
+    """Run ``train.main(cfg)`` as the command line does (run_tool + exit status); returns (status, stderr)."""
+    capsys.readouterr()  # what earlier runs printed
+    try:
+        status = train.exit_status(run_tool(lambda: train.main(cfg)))
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+# --- a fresh start over an existing run -------------------------------------------------------------------
+def test_resume_no_over_a_finished_run_is_refused_and_overwrite_moves_it_aside(image_folder, tmp_path):
+    run = tmp_path / "r"
+    train.main(small_cfg(image_folder, tmp_path, "name=r", "max_steps=2"))
+    (run / "eval.json").write_text('{"knn_top1": 90.0}\n')  # a result of that run
+    before = snapshot(run)
+    with pytest.raises(ConfigError) as e:
+        train.main(small_cfg(image_folder, tmp_path, "name=r", "max_steps=3", "resume=no"))
+    msg = str(e.value)
+    assert f"run 'r' already has outputs in {run}" in msg and "eval.json" in msg and "last.pt" in msg
+    assert "a finished run of 2 steps" in msg and "name=r-2" in msg and "overwrite=true" in msg
+    assert snapshot(run) == before  # nothing touched
+
+    s = train.main(small_cfg(image_folder, tmp_path, "name=r", "max_steps=3", "resume=no", "overwrite=true"))
+    assert s["steps"] == 3 and not (run / "eval.json").exists()  # no stale result next to the new run
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(aside) == 1 and snapshot(aside[0]) == before  # the old run, whole, beside the new one
+
+
+# --- checkpoints that are not one ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(image_folder, tmp_path_factory) -> Path:
+    """out_dir with run "c": 2 steps, finished (last.pt, metrics.csv, summary.json)."""
+    out = tmp_path_factory.mktemp("finished")
+    train.main(small_cfg(image_folder, out, "name=c", "max_steps=2"))
+    return out
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "is not a trainer checkpoint: it is not a torch.save file at all"),
+    ("text", "is not a trainer checkpoint: it is not a torch.save file at all"),
+    ("backbone", "is not a trainer checkpoint: it is a bare state_dict of"),
+    ("partial", "is a trainer checkpoint without ['optimizer', 'step', 'epoch', 'batch', 'rng_cpu']"),
+])
+def test_resume_from_a_file_that_is_not_a_checkpoint_says_what_it_is(kind, message, finished_run, image_folder,
+                                                                      tmp_path, capsys):
+    run = tmp_path / "c"
+    shutil.copytree(finished_run / "c", run)
+    ckpt = run / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    if kind == "truncated":
+        data = ckpt.read_bytes()
+        ckpt.write_bytes(data[: len(data) // 2])
+    elif kind == "text":
+        ckpt.write_text("not a checkpoint\n")
+    elif kind == "backbone":
+        prefix = "student.backbone."
+        torch.save({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}, ckpt)
+    else:
+        torch.save({"model": state["model"], "config": state["config"]}, ckpt)
+    metrics = (run / "metrics.csv").read_bytes()
+    status, err = tool(capsys, small_cfg(image_folder, tmp_path, "name=c", "max_steps=4"))
+    assert status == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err and str(ckpt) in err, err
+    assert "differ from the checkpoint" not in err and "weights_only" not in err
+    assert (run / "metrics.csv").read_bytes() == metrics  # refused before any work
+
+
+# --- run directories that cannot be written ----------------------------------------------------------------
+def test_out_dir_that_is_a_file_or_read_only_is_refused(image_folder, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    status, err = tool(capsys, small_cfg(image_folder, a_file, "name=r", "max_steps=2"))
+    assert status == 2 and "cannot create the run directory" in err and "Not a directory" in err, err
+    if sys.platform.startswith("linux") and Path("/sys/kernel").is_dir():  # a file system no one may write
+        status, err = tool(capsys, small_cfg(image_folder, "/sys/kernel", "name=ressl-test", "max_steps=2"))
+        assert status == 2 and "cannot create the run directory /sys/kernel/ressl-test" in err, err
+    # a run directory whose lock file cannot be created (here: a directory named like it)
+    (tmp_path / "ro" / ".lock").mkdir(parents=True)
+    status, err = tool(capsys, small_cfg(image_folder, tmp_path, "name=ro", "max_steps=2"))
+    assert status == 2 and f"cannot write in the run directory {tmp_path / 'ro'}" in err, err
+
+
+# --- data that cannot fill a batch, views that cannot fit ---------------------------------------------------
+def test_batch_larger_than_the_data_is_refused(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match=r"24 samples are too few for 1 process\(es\) x batch 32"):
+        train.main(small_cfg(image_folder, tmp_path, "name=b", "batch_size=32", "queue_size=64"))
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_data_with_no_readable_file_is_refused_before_training(backend, tmp_path):
+    import pipelines
+
+    if not pipelines.available_backends()[backend]:
+        pytest.skip(f"{backend} is not installed (extra [{backend}])")
+    for split, n in (("train", 9), ("val", 2)):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"{i}.jpg").write_text("not an image")
+    with pytest.raises(ConfigError) as e:
+        train.main(small_cfg(tmp_path / "data", tmp_path, "name=bad", f"backend={backend}", "max_steps=2"))
+    assert str(e.value).startswith(f"data='{tmp_path / 'data'}': ")
+    assert "18" in str(e.value) and ("none of" in str(e.value) or "0 readable" in str(e.value)), str(e.value)
+    assert not (tmp_path / "bad" / "metrics.csv").exists()
+
+
+def test_views_too_large_for_memory_are_refused_before_the_data(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match=r"views too large: recipe.weak.size=100000, recipe.strong.size=32 at 8 "
+                                          r"images per process take 960.0 GB"):
+        train.main(small_cfg(image_folder, tmp_path, "name=v", "recipe.weak.size=100000"))
+    assert not (tmp_path / "v").exists()
+
+
+# --- a disk that fills at checkpoint time ---------------------------------------------------------------------
+def test_file_size_limit_at_checkpoint_names_the_file_and_the_reason(image_folder, tmp_path, capsys):
+    """A real short write (RLIMIT_FSIZE; the kernel refuses beyond 2 MB) inside torch.save, which by itself
+    reports only "unexpected pos"."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, old_limit[1]))
+    try:
+        status, err = tool(capsys, small_cfg(image_folder, tmp_path, "name=f", "max_steps=4", "ckpt_every=2"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    ckpt = tmp_path / "f" / "last.pt"
+    assert status == 2 and err.endswith(f"\nerror: disk full / could not write {ckpt}: File too large\n"), err
+    assert not ckpt.exists() and not [p for p in (tmp_path / "f").iterdir() if ".tmp-" in p.name]
+
+
+def test_full_disk_at_checkpoint_keeps_the_previous_checkpoint(image_folder, tmp_path, monkeypatch, capsys):
+    """ENOSPC from the kernel (/dev/full) on the second save: the first checkpoint stays as it was."""
+    train.main(small_cfg(image_folder, tmp_path, "name=d", "max_steps=2"))
+    ckpt = tmp_path / "d" / "last.pt"
+    before = ckpt.read_bytes()
+    real = ressl.io.temp_name
+
+    def full_disk(path: Path) -> Path:
+        tmp = real(path)
+        if path.name == "last.pt":
+            tmp.symlink_to("/dev/full")
+        return tmp
+
+    monkeypatch.setattr(ressl.io, "temp_name", full_disk)
+    status, err = tool(capsys, small_cfg(image_folder, tmp_path, "name=d", "max_steps=4", "ckpt_every=1"))
+    assert status == 2 and err.endswith(f"\nerror: disk full / could not write {ckpt}: No space left on device\n"), err
+    assert ckpt.read_bytes() == before
+
+
+# --- the NaN stop as the tool prints it ---------------------------------------------------------------------
+def test_nan_stop_is_one_message_and_exit_2(image_folder, tmp_path, monkeypatch, capsys):
+    from ressl.method import ReSSL
+
+    real_forward = ReSSL.forward
+
+    def nan_forward(self, *a, **k):
+        loss, metrics = real_forward(self, *a, **k)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(ReSSL, "forward", nan_forward)
+    status, err = tool(capsys, small_cfg(image_folder, tmp_path, "name=nan", "max_steps=4", "log_every=2"))
+    assert status == 2 and "\nerror: loss became NaN/inf by step 2" in err and "Traceback" not in err, err
+    assert "resume=no" in err and not (tmp_path / "nan" / "last.pt").exists()
+    assert issubclass(train.NonFiniteLossError, RunError)
+
+
+# --- a run that ends collapsed -------------------------------------------------------------------------------
+def test_a_run_that_ends_collapsed_says_so_and_exits_3(image_folder, tmp_path, capsys):
+    """An absurd lr collapses the teacher's keys within steps: not a plain "done"."""
+    status, _ = tool(capsys, small_cfg(image_folder, tmp_path, "name=lr", "lr=1e6", "max_steps=6", "log_every=10"))
+    summary = json.loads((tmp_path / "lr" / "summary.json").read_text())
+    assert status == train.EXIT_COLLAPSED == 3
+    assert summary["collapsed"] is True and summary["collapse"]["key_std"] < summary["collapse"]["threshold"]
+    assert "ended collapsed" in summary["collapse"]["message"] and "lower lr" in summary["collapse"]["message"]
+
+
+def test_last_line_of_a_collapsed_run_and_of_a_healthy_one(image_folder, tmp_path, capsys):
+    s = train.main(small_cfg(image_folder, tmp_path, "name=lr", "lr=1e6", "max_steps=6"))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert s["collapsed"] and last.startswith("COLLAPSED: 6 steps") and "done" not in last, last
+    assert 'summary.json has "collapsed": true (exit status 3)' in last
+    s = train.main(small_cfg(image_folder, tmp_path, "name=ok", "max_steps=6"))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert not s["collapsed"] and last.startswith("done: 6 steps") and train.exit_status(s) == 0, last
+    assert s["collapse"]["key_std"] > s["collapse"]["threshold"]
+
+
+def test_plateau_at_log_k_is_warned_once_and_flagged_in_the_summary(image_folder, tmp_path, monkeypatch, caplog):
+    """The loop feeds the monitor its logged values: a relation loss pinned at log K with keys of std 1e-3
+    (what the relation loss alone shows from a random network on small data) is reported once."""
+    from ressl.method import ReSSL
+
+    real_forward = ReSSL.forward
+
+    def stuck_forward(self, *a, **k):
+        loss, metrics = real_forward(self, *a, **k)
+        return loss, {**metrics, "loss_rel": torch.tensor(math.log(32)), "key_std": torch.tensor(1e-3)}
+
+    monkeypatch.setattr(ReSSL, "forward", stuck_forward)
+    with caplog.at_level("WARNING", logger="train"):
+        s = train.main(small_cfg(image_folder, tmp_path, "name=p", "max_steps=12"))
+    warnings = [r.message for r in caplog.records if r.name == "train" and "collapse:" in r.message]
+    assert len(warnings) == 1 and "log K = 3.466" in warnings[0] and "warmup_infonce_epochs=" in warnings[0]
+    saved = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert saved["collapse"]["plateau"]["from_step"] == 1 and saved["collapse"]["plateau"]["to_step"] == 12
+    assert s["collapsed"] and "sat at log K from step 1" in saved["collapse"]["message"]

@@ -15,7 +15,7 @@ DATA_STEP = $(MAKE) --no-print-directory dataset OUT=$(OUT) ARGS= SRC= NAME= MAX
 # With OUT set, the training step reads the data it just wrote there (the presets say data/...).
 DATA_OVERRIDE = $(if $(filter-out data,$(OUT)),data=$(OUT)/$(1))
 
-.PHONY: help setup test train learn-check train-graph dataset bench gpu-check eval export lint
+.PHONY: help setup test train learn-check train-graph dataset bench gpu-check gpu-wheels eval export lint
 
 help:
 	@echo "Each target lists the variables it reads; ARGS always go to the target's own tool."
@@ -33,6 +33,8 @@ help:
 	@echo "                      reads DATA OUT SRC NAME ARGS"
 	@echo "make bench ARGS=...   images/s of loaders, model step and end to end (JSON); reads ARGS"
 	@echo "make gpu-check        the prepared GPU run (env, CUDA tests, rates, training); ARGS=\"--cpu\" on CPU; reads ARGS GPU_PY"
+	@echo "make gpu-wheels       FFCV (self-contained, CPython 3.12) + DALI wheels in carry parts: .device/parts, .device/CARRY"
+	@echo "                      reads ARGS   e.g. make gpu-wheels ARGS=--check (also installs them in a 3.12 venv and tests)"
 	@echo "make eval CKPT=...    kNN + linear probe + t-SNE of a checkpoint; reads CKPT ARGS"
 	@echo "make export CKPT=... EXPORT=backbone.pth   torchvision state_dict of the trained backbone; reads CKPT EXPORT ARGS"
 	@echo "make lint             ruff"
@@ -90,6 +92,10 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	@echo "==> tools/gpucheck.py $(ARGS) (gpucheck.json + gpucheck.md; python: $(GPU_PY))"
 	PYTHONPATH=. $(GPU_PY) tools/gpucheck.py $(ARGS)
+
+gpu-wheels:
+	@echo "==> tools/gpu_wheels.py $(ARGS) (build/gpu-wheels/, then .device/parts + .device/CARRY)"
+	$(PY) tools/gpu_wheels.py $(ARGS)
 
 eval:
 	@echo "==> tools/eval.py $(CKPT)"

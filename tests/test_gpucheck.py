@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,16 +20,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import _gpuhost  # noqa: E402
 import gpucheck  # noqa: E402
 
 
-def test_help_says_how_to_carry_dali_and_that_its_rows_skip_otherwise(capsys):
+def test_help_says_how_to_carry_the_wheels_and_that_their_rows_skip_otherwise(capsys):
     with pytest.raises(SystemExit) as exc:
         gpucheck.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for needle in ("make-wheelhouse.sh", "install-wheelhouse.sh", ".device/parts/whl.part00", "one per device call",
-                   "DALI rows are skipped", "--budget-s", "--cpu", "pytest -m cuda"):
+    for needle in ("make gpu-wheels", "FFCV 1.0.2 for CPython 3.12", ".device/parts/whl.part00", "one per device call",
+                   "not importable here", "--budget-s", "--cpu", "--append", "pytest -m cuda", "C compiler",
+                   "/dev/shm"):
         assert needle in text, needle
 
 
@@ -51,12 +57,128 @@ def test_gpu_plan_without_cuda_points_to_the_cpu_plan(tmp_path, capsys):
 
 def test_the_gpu_plan_is_the_issues_run():
     plan = gpucheck.PLANS["gpu"]
-    labels = dict(plan.model_rows)
+    labels = {**dict(plan.model_rows), **dict(plan.compile_rows)}
     assert labels["rn50-224-eager"][:6] == ("--model", "resnet50", "--size", "224", "--batch", "256")
     assert "--compile" in labels["rn50-224-compile"] and "--channels-last" in labels["rn50-224-eager"]
+    assert not any("--compile" in extra for _, extra in plan.model_rows)
     assert labels["rn18cifar-32"][:6] == ("--model", "resnet18_cifar", "--size", "32", "--batch", "512")
     assert plan.train["precision"] == "bf16" and (plan.train_steps, plan.resume_steps) == (200, 20)
-    assert sum(plan.shares.values()) <= 480 and set(plan.shares) == set(gpucheck.STEPS)
+    assert set(plan.shares) == set(gpucheck.STEPS) and plan.shares["compile"] >= 240  # a cold inductor compile
+
+
+def test_the_device_calls_cover_every_step_each_within_its_budget_and_a_call():
+    """The help's plan: one start plus two calls (one carry part each), every step in one of them, the
+    steps' shares inside the call's --budget-s, the budget inside a 10-minute device call."""
+    calls = re.findall(r'call (\d), part(\d\d):.*--steps (\S+) .*--budget-s (\d+)', gpucheck.DEVICE_HELP)
+    assert [c[:2] for c in calls] == [("1", "00"), ("2", "01"), ("3", "02")]
+    shares = gpucheck.PLANS["gpu"].shares
+    covered = set()
+    for _, _, steps, budget in calls:
+        names = steps.split(",")
+        covered |= set(names)
+        assert sum(shares[n] for n in names) <= int(budget) <= 540, (steps, budget)
+    assert covered == set(gpucheck.STEPS)
+    assert "--append" not in gpucheck.DEVICE_HELP.split("call 1")[1].split("\n")[0]
+
+
+def test_loader_workers_fit_dev_shm_and_low_fd_limits_switch_sharing(monkeypatch):
+    free = {"bytes": 64 * 2**20}  # a container's default /dev/shm
+    monkeypatch.setattr(_gpuhost.os, "statvfs", lambda p: SimpleNamespace(f_bavail=free["bytes"] // 4096,
+                                                                          f_frsize=4096))
+    monkeypatch.setattr(_gpuhost.resource, "getrlimit", lambda r: (1 << 20, 1 << 20))
+    tiny = _gpuhost.loader_workers(16, batch=256, size=224, views=2)
+    assert tiny["workers"] == 0 and "16 workers" in tiny["reason"] and tiny["sharing"] is None
+    per = 4 * 256 * 2 * 3 * 224 * 224 * 4
+    free["bytes"] = 2 * 5 * per + 1  # half of the free space holds five workers' prefetched batches
+    five = _gpuhost.loader_workers(16, batch=256, size=224, views=2)
+    assert five["workers"] == 5 and five["bytes_per_worker"] == per
+    free["bytes"] = 1 << 45
+    assert "reason" not in _gpuhost.loader_workers(16, batch=256, size=224, views=2)
+    monkeypatch.setattr(_gpuhost.resource, "getrlimit", lambda r: (1024, 4096))
+    low = _gpuhost.loader_workers(16, batch=256, size=224, views=2)
+    assert low["workers"] == 16 and low["sharing"] == "file_system" and "ulimit -n 1024" in low["reason"]
+
+
+def test_compile_row_is_skipped_with_the_reason_when_no_c_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    found = _gpuhost.c_compiler()
+    assert found["cc"] is None and "Triton" in found["reason"]
+    monkeypatch.setattr(gpucheck, "c_compiler", lambda: found)
+    args = gpucheck.build_parser().parse_args(["--out", str(tmp_path)])
+    args.workers = 2
+    ctx = gpucheck.Context(args, gpucheck.PLANS["gpu"], tmp_path, time.perf_counter() + 60, {})
+    out = gpucheck.step_compile(ctx, 60)
+    assert out["status"] == "skipped" and "no working C compiler" in out["reason"]
+    assert [r["label"] for r in ctx.rows] == ["rn50-224-compile"] and "Triton" in ctx.rows[0]["skipped"]
+
+
+def test_c_compiler_found_here_compiles():
+    if not shutil.which("cc") and not shutil.which("gcc"):
+        pytest.skip("no C compiler on this machine")
+    found = _gpuhost.c_compiler()
+    assert found["cc"] and found["version"]
+
+
+def _wheel(path: Path, name: str) -> None:
+    files = {f"{name}/__init__.py": b"VALUE = 42\n",
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in files.items():
+            z.writestr(n, data)
+        record = f"{name}-1.0.dist-info/RECORD"
+        z.writestr(record, "".join(f"{n},,\n" for n in [*files, record]))
+
+
+def test_carried_parts_are_reassembled_and_installed_offline(tmp_path, monkeypatch):
+    """The layout make-wheelhouse.sh writes: a tar of wheels/, split into parts; a missing part is named."""
+    (tmp_path / "wheels").mkdir()
+    _wheel(tmp_path / "wheels" / "gpucheckdemo-1.0-py3-none-any.whl", "gpucheckdemo")
+    (tmp_path / "wheels" / "padding.bin").write_bytes(os.urandom(30000))  # so that the tar splits in parts
+    blob = subprocess.run(["tar", "-C", str(tmp_path), "-cf", "-", "wheels"], capture_output=True, check=True).stdout
+    parts = tmp_path / "root" / ".device" / "parts"
+    parts.mkdir(parents=True)
+    for i in range(0, len(blob), 20000):
+        (parts / f"whl.part{i // 20000:02d}").write_bytes(blob[i:i + 20000])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    last = sorted(parts.iterdir())[1]  # a part from the middle, not carried
+    kept = last.read_bytes()
+    last.unlink()
+    cut = _gpuhost.install_wheelhouse(tmp_path / "root", tmp_path / "site", 60)
+    assert cut["status"] == "failed" and "not a whole wheelhouse" in cut["reason"]
+    last.write_bytes(kept)
+    listed = _gpuhost.install_wheelhouse(tmp_path / "root", tmp_path / "site", 60, install=False)
+    assert listed["status"] == "ok" and "gpucheckdemo" in listed["summary"] and not (tmp_path / "site").exists()
+    done = _gpuhost.install_wheelhouse(tmp_path / "root", tmp_path / "site", 120)
+    assert done["status"] == "ok" and done["installed"] == ["gpucheckdemo-1.0"], done
+    assert (tmp_path / "site" / "gpucheckdemo" / "__init__.py").is_file()
+    assert sys.path[0] == str(tmp_path / "site") and os.environ["PYTHONPATH"].startswith(str(tmp_path / "site"))
+    out = subprocess.run([sys.executable, "-c", "import gpucheckdemo; print(gpucheckdemo.VALUE)"],
+                         capture_output=True, text=True, env=os.environ.copy())
+    assert out.stdout.strip() == "42", out.stderr
+    assert _gpuhost.install_wheelhouse(tmp_path / "empty", tmp_path / "site", 60)["status"] == "skipped"
+
+
+def test_append_keeps_the_steps_of_an_earlier_call(tmp_path, monkeypatch):
+    def env(ctx, timeout):
+        return {"status": "ok", "summary": "first call"}
+
+    def model(ctx, timeout):
+        ctx.rows.append({"step": "model", "backend": "synthetic", "mode": "model", "images_per_s": 7.0})
+        return {"status": "ok", "summary": "second call"}
+
+    monkeypatch.setitem(gpucheck.STEP_FUNCS, "env", ("Environment", env))
+    monkeypatch.setitem(gpucheck.STEP_FUNCS, "model", ("Model", model))
+    for steps, append in ((["env", "model"], False), (["model"], True)):
+        args = gpucheck.build_parser().parse_args(["--cpu", "--out", str(tmp_path)] + (["--append"] if append else []))
+        args.step_list, args.budget_s = steps, 30.0
+        rep = gpucheck.run_plan(args, gpucheck.PLANS["cpu"])
+    assert [s["step"] for s in rep["steps"]] == ["env", "model"] and rep["calls"] == 2
+    assert [r["images_per_s"] for r in rep["results"]] == [7.0]  # the re-run step's rows replace its old ones
+    md = (tmp_path / "gpucheck.md").read_text()
+    assert "first call" in md and "second call" in md and "| images/s |" in md and "pairs/s" not in md
 
 
 def test_timeout_kills_the_whole_process_group(tmp_path):

@@ -1,43 +1,42 @@
 """GPU readiness: one prepared command that turns a briefly lent GPU machine into this project's figures.
 
     make gpu-check                                     # = PYTHONPATH=. python tools/gpucheck.py
-    PYTHONPATH=. python3 tools/gpucheck.py --out $OUT --budget-s 480
-    PYTHONPATH=. python tools/gpucheck.py --cpu        # the same plan, tiny sizes, on CPU (<= 3 min)
+    PYTHONPATH=. python3 tools/gpucheck.py --out runs/gpucheck --steps env,model,compile --append
+    PYTHONPATH=. python tools/gpucheck.py --cpu        # the same plan, tiny sizes, on CPU
 
 Runs from a plain checkout with the machine's own packages (python, torch, torchvision, accelerate,
-numba); nothing needs installing. The steps, in order, each in its own process group with a
-timeout cut from ``--budget-s``; a step that fails or runs out of time is recorded and the next runs:
+numba) plus the wheels ``make gpu-wheels`` packed here (DALI, and FFCV built self-contained for
+CPython 3.12). The steps, in order, each in its own process group with a timeout cut from
+``--budget-s``; a step that fails or runs out of time is recorded and the next runs:
 
-  1 env     GPU name, memory, driver / CUDA, versions of torch, torchvision, accelerate, numba, DALI,
-            FFCV (if importable), which optional packages exist, the git commit
-  2 tests   the CUDA tests (``pytest -m cuda``): pass / skip / fail per test
-  3 model   model-only ReSSL step (ressl.step.TrainStep, the step training takes): RN50 @224 bf16
-            channels_last batch 256, eager and torch.compile; RN18-CIFAR @32 batch 512; peak memory
-  4 loader  loader-only pairs/s at 224 on the generated bench set for every importable backend, with
-            host-to-device bytes/s where NVML (pynvml) gives it
-  5 e2e     end to end per importable backend, with loader_efficiency (end to end / model only)
-  6 train   tools/train.py for 200 steps under bf16 on the bench set: loss finite and falling (once
-            the queue's random initial keys are replaced), a checkpoint written, resumed for 20 more steps
+  1 wheels  reassemble the carried .device/parts/whl.partNN, pip-install them offline into --site
+  2 env     GPU, driver / CUDA, versions, importable packages, the C compiler, /dev/shm and the
+            DataLoader workers that fit it (fewer, or 'file_system' sharing under a low ulimit -n)
+  3 tests   the CUDA tests (``pytest -m cuda``): pass / skip / fail per test
+  4 model   model-only ReSSL step (ressl.step.TrainStep): RN50 @224 bf16 channels_last batch 256 eager;
+            RN18-CIFAR @32 batch 512; peak memory
+  5 compile the RN50 row under torch.compile, with a budget of its own that fits a cold inductor
+            compile (forward + backward + teacher), after checking for the C compiler Triton needs
+  6 loader  loader-only images/s at 224 for every importable backend (H2D bytes/s with pynvml)
+  7 e2e     end to end per importable backend, with loader_efficiency (end to end / model only)
+  8 train   tools/train.py for 200 bf16 steps on the bench set: loss finite and falling (once the
+            queue's random initial keys are replaced), a checkpoint, resumed for 20 more steps
 
 Outputs in ``--out``: ``gpucheck.json`` (the bench JSON contract -- machine, args, results rows -- plus
-``steps``, ``tests`` and ``train``), ``gpucheck.md`` (tables to paste into the README) and ``logs/``
-(each step's output). Every skipped row says why.
+``steps``, ``tests``, ``train``, ``host``), ``gpucheck.md`` (tables for the README, one throughput unit:
+images/s) and ``logs/``. ``--append`` keeps the steps of an earlier call in the same ``--out`` (the plan
+below spreads the check over three device calls). Every skipped row says why.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,147 +44,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
+sys.path[:0] = [p for p in (str(ROOT), str(TOOLS)) if p not in sys.path]
+
+from _gpuhost import LAUNCH, Outcome, c_compiler, install_wheelhouse, loader_workers, nvidia_smi, run_command  # noqa: E402,F401
+from _gpuhost import find_module as _find  # noqa: E402
+from _gpuplan import DEVICE_HELP, OPTIONAL, PLANS, STEPS, VIEWS, Plan, quick  # noqa: E402
+from _gpureport import UNIT, format_markdown, junit_rows, write_report  # noqa: E402
+
+SCHEMA_VERSION = 2
 
 __all__ = ["PLANS", "STEPS", "Plan", "build_parser", "format_markdown", "main", "run_command", "run_plan"]
-
-SCHEMA_VERSION = 1
-STEPS = ("env", "tests", "model", "loader", "e2e", "train")
-# Packages the bare GPU machine may lack; each is imported lazily by the code that needs it.
-OPTIONAL = ("nvidia.dali", "ffcv", "pynvml", "pytest", "tensorboard", "matplotlib", "sklearn", "yaml", "tqdm",
-            "psutil", "numba", "PIL")
-
-DALI_HELP = """\
-DALI on a GPU machine without network (it is not on the device image; DALI rows are skipped otherwise,
-each with the reason "backend 'dali' is not installed"):
-  1. here, from the project root:  ../shared/device/make-wheelhouse.sh
-     (pip-downloads nvidia-dali-cuda130 and its dependencies for Python 3.12 into .device/parts/whl.partNN,
-     60 MiB each, and lists them in .device/CARRY; .device/ is git-ignored)
-  2. carry the parts one per device call, naming the file itself (carry: [".device/parts/whl.part00"],
-     then part01, ...): a carried path replaces what is there, and parts carried earlier stay while the
-     machine is warm
-  3. on the device:  bash ../shared/device/install-wheelhouse.sh   (or shared/device/install-wheelhouse.sh)
-     then, in the same warm session:  make gpu-check
-pytest is carried the same way when the image lacks it (make-wheelhouse.sh nvidia-dali-cuda130 pytest);
-without it the CUDA-tests step is skipped with that reason. FFCV builds from source against libturbojpeg
-and OpenCV and is not carried: its rows are skipped there. A test module that cannot be imported there
-(a package missing) is listed as "not collected", not as a failure.
-"""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Sizes of one plan. ``gpu`` is the issue's run; ``cpu`` the same steps, tiny, for CI."""
-
-    name: str
-    device: str
-    shares: dict[str, float]  # seconds each step is planned to take; unused time passes to later steps
-    num_images: int
-    # (label, bench arguments) per model-only row
-    model_rows: tuple[tuple[str, tuple[str, ...]], ...]
-    loader_args: tuple[str, ...]  # bench arguments of the loader-only and end-to-end rows
-    timing: tuple[str, ...]  # --warmup / --steps / --repeats of every bench call
-    train: dict[str, Any]  # config overrides of the training run
-    train_steps: int
-    resume_steps: int
-    backends: str = "all"
-    cuda_tests: tuple[str, ...] | None = None  # test files to collect; None = every file with a cuda mark
-    skip_compile: str | None = None  # why the torch.compile row is skipped in this plan, if it is
-    env: dict[str, str] = field(default_factory=dict)  # environment of every command
-
-
-_GPU_TRAIN = {"backend": "torchvision", "recipe": "stl96", "backbone": "resnet18", "proj_hidden": 2048,
-              "proj_dim": 128, "queue_size": 4096, "batch_size": 128, "lr": 0.3, "w_sim": 1.0, "momentum": 0.99,
-              "warmup_epochs": 1, "precision": "bf16", "channels_last": True, "log_every": 10, "ckpt_every": 100}
-_CPU_TRAIN = {"backend": "torchvision", "recipe": "cifar32", "backbone": "resnet18", "proj_hidden": 64,
-              "proj_dim": 32, "queue_size": 16, "batch_size": 8, "lr": 1.0, "w_sim": 1.0, "momentum": 0.99,
-              "warmup_epochs": 0, "precision": "no", "channels_last": False, "log_every": 2, "ckpt_every": 10}
-
-PLANS: dict[str, Plan] = {
-    "gpu": Plan(
-        name="gpu", device="cuda", num_images=2048,
-        shares={"env": 15, "tests": 60, "model": 150, "loader": 60, "e2e": 70, "train": 120},
-        model_rows=(
-            ("rn50-224-eager", ("--model", "resnet50", "--size", "224", "--batch", "256", "--precision", "bf16",
-                                "--channels-last")),
-            ("rn50-224-compile", ("--model", "resnet50", "--size", "224", "--batch", "256", "--precision", "bf16",
-                                  "--channels-last", "--compile")),
-            ("rn18cifar-32", ("--model", "resnet18_cifar", "--size", "32", "--batch", "512", "--precision", "bf16",
-                              "--channels-last")),
-        ),
-        loader_args=("--model", "resnet50", "--size", "224", "--batch", "256", "--precision", "bf16",
-                     "--channels-last"),
-        timing=("--warmup", "5", "--steps", "15", "--repeats", "3"),
-        train=_GPU_TRAIN, train_steps=200, resume_steps=20,
-    ),
-    "cpu": Plan(
-        name="cpu", device="cpu", num_images=64,
-        shares={"env": 5, "tests": 35, "model": 35, "loader": 55, "e2e": 60, "train": 50},
-        model_rows=(
-            ("rn50-16", ("--model", "resnet50", "--size", "16", "--batch", "4", "--precision", "no")),
-            ("rn50-16-compile", ("--model", "resnet50", "--size", "16", "--batch", "4", "--precision", "no",
-                                 "--compile")),
-            ("rn18cifar-16", ("--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--precision", "no")),
-        ),
-        loader_args=("--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--precision", "no"),
-        timing=("--warmup", "1", "--steps", "1", "--repeats", "2"),
-        train=_CPU_TRAIN, train_steps=8, resume_steps=2,
-        skip_compile="torch.compile rows run in the GPU plan only (inductor compiles for minutes on 2 CPU cores)",
-        # one intra-op thread: on a shared 2-core machine, waiting OpenMP threads made tiny steps ~10x slower
-        env={"OMP_NUM_THREADS": "1"},
-    ),
-}
-
-
-def _quick(plan: Plan) -> Plan:
-    """The CPU plan cut to what tests the script in about a minute: one model row, torchvision only."""
-    return Plan(**{**plan.__dict__, "name": "cpu-quick", "model_rows": plan.model_rows[-1:],
-                   "backends": "torchvision", "cuda_tests": ("tests/test_gpu_augment.py",),
-                   "shares": {k: v * 0.6 for k, v in plan.shares.items()}})
-
-
-# ---------------------------------------------------------------------------------------------------
-# running one command under a timeout
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class Outcome:
-    """What one command did: ``status`` is ok, failed or timeout; the log holds its stdout + stderr."""
-
-    status: str
-    seconds: float
-    returncode: int | None
-    log: Path
-    tail: str = ""
-
-
-def _tail(text: str, lines: int = 12) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def run_command(cmd: Sequence[str], *, timeout: float, log: Path, env: dict[str, str] | None = None) -> Outcome:
-    """Run ``cmd`` from the project root in its own process group; kill the whole group at ``timeout``.
-
-    The group matters: a bench or training run starts loader worker processes that would otherwise
-    outlive a killed parent and take the next step's CPU.
-    """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.Popen(list(cmd), cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc: int | None = proc.wait(timeout=max(1.0, timeout))
-            status = "ok" if rc == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc, status = None, "timeout"
-    seconds = time.perf_counter() - t0
-    return Outcome(status, seconds, rc, log, _tail(log.read_text(errors="replace")))
-
 
 # ---------------------------------------------------------------------------------------------------
 # the steps
@@ -207,31 +75,33 @@ class Context:
     def bench_dir(self) -> str:
         return str(Path(self.args.bench_dir).resolve())
 
+    def host(self) -> dict[str, Any]:
+        """The C compiler and the DataLoader workers that fit /dev/shm, checked once per call."""
+        if "host" not in self.report or self.report["host"].get("pid") != os.getpid():
+            opts = dict(zip(self.plan.loader_args[::2], self.plan.loader_args[1::2]))
+            train = self.plan.train
+            self.report["host"] = {
+                "pid": os.getpid(), "compiler": c_compiler(),
+                "bench_workers": loader_workers(self.args.workers, int(opts["--batch"]), int(opts["--size"]), VIEWS),
+                "train_workers": loader_workers(self.args.workers, train["batch_size"], _train_size(train), VIEWS)}
+        return self.report["host"]
 
-def _find(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package missing ("nvidia" for nvidia.dali)
-        return False
+
+def _train_size(train: dict[str, Any]) -> int:
+    from pipelines.spec import get_recipe
+
+    return get_recipe(train["recipe"]).weak.size
 
 
-def _nvidia_smi() -> dict[str, str] | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    name, memory, driver = (x.strip() for x in out.stdout.strip().splitlines()[0].split(",")[:3])
-    return {"name": name, "memory": memory, "driver": driver}
+def step_wheels(ctx: Context, timeout: float) -> dict[str, Any]:
+    """The carried wheelhouse (make gpu-wheels) installed offline; the CPU plan only reassembles it."""
+    return install_wheelhouse(ROOT, Path(ctx.args.site), timeout, install=ctx.plan.install_wheels)
 
 
 def step_env(ctx: Context, timeout: float) -> dict[str, Any]:
-    """Machine facts in this process (cheap): the bench's machine_info plus nvidia-smi and optional packages."""
+    """Machine facts in this process (cheap): the bench's machine_info, nvidia-smi, packages, compiler, shm."""
     optional = {m: _find(m) for m in OPTIONAL}
-    result: dict[str, Any] = {"optional": optional, "nvidia_smi": _nvidia_smi()}
-    sys.path[:0] = [p for p in (str(ROOT), str(TOOLS)) if p not in sys.path]
+    result: dict[str, Any] = {"optional": optional, "nvidia_smi": nvidia_smi()}
     import torch
     from _measure import machine_info
 
@@ -240,38 +110,20 @@ def step_env(ctx: Context, timeout: float) -> dict[str, Any]:
     ctx.report["machine"] = machine
     v = machine["versions"]
     gpu = machine.get("gpu") or {}
+    host = ctx.host()
+    cc, shm = host["compiler"], host["bench_workers"]
     summary = (f"{gpu.get('name', 'no GPU')}"
                + (f" {gpu['memory_bytes'] / 2**30:.0f} GiB, CUDA {gpu['cuda']}" if gpu else "")
                + (f", driver {result['nvidia_smi']['driver']}" if result["nvidia_smi"] else "")
                + f"; torch {v['torch']}, torchvision {v['torchvision']}, accelerate {v['accelerate']}, "
-                 f"numba {v['numba']}, DALI {v['dali'] or 'absent'}, FFCV {v['ffcv'] or 'absent'}")
+                 f"numba {v['numba']}, DALI {v['dali'] or 'absent'}, FFCV {v['ffcv'] or 'absent'}"
+               + f"; C compiler {cc['version'] if cc['cc'] else 'NONE'}; /dev/shm {shm['shm_free_bytes'] / 2**30:.1f}"
+                 f" GiB free, loader workers {shm['workers']} of {shm['asked']}"
+               + (f" ({shm['reason']})" if shm.get("reason") else ""))
     missing = [m for m, ok in optional.items() if not ok]
     if missing:
         summary += "; not importable: " + ", ".join(missing)
     return {"status": "ok", "summary": summary, **result}
-
-
-def _junit_rows(path: Path) -> list[dict[str, str]]:
-    rows = []
-    for case in ET.parse(path).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
-                if child.get("message") == "collection failure":  # a module this machine cannot import
-                    outcome = "not collected"
-                message = (child.get("message") or "").strip().splitlines()[0:1]
-                message = message[0][:200] if message else ""
-                break
-        name = f"{case.get('classname', '')}::{case.get('name', '')}".lstrip(":")
-        rows.append({"test": name, "outcome": outcome, "message": message})
-    return rows
-
-
-def _cuda_test_files() -> list[str]:
-    """The test files holding a ``cuda`` mark: collecting only these saves importing the whole suite."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                  if "@pytest.mark.cuda" in p.read_text(errors="replace"))
 
 
 def step_tests(ctx: Context, timeout: float) -> dict[str, Any]:
@@ -279,13 +131,14 @@ def step_tests(ctx: Context, timeout: float) -> dict[str, Any]:
     if not _find("pytest"):
         return {"status": "skipped", "reason": "pytest not importable on this machine"}
     xml = ctx.out / "cuda-tests.xml"
+    xml.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", f"--junitxml={xml}", *(ctx.plan.cuda_tests or _cuda_test_files())]
     o = run_command(cmd, timeout=timeout, log=ctx.out / "logs" / "tests.log", env=ctx.plan.env)
     if not xml.is_file():
         return {"status": o.status if o.status != "ok" else "failed", "seconds": o.seconds,
                 "reason": f"pytest wrote no report (exit {o.returncode})", "log_tail": o.tail}
-    tests = _junit_rows(xml)
+    tests = junit_rows(xml)
     counts = {k: sum(t["outcome"] == k for t in tests)
               for k in ("passed", "skipped", "failed", "error", "not collected")}
     ctx.report["tests"] = tests
@@ -295,12 +148,19 @@ def step_tests(ctx: Context, timeout: float) -> dict[str, Any]:
             "summary": ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no CUDA tests collected"}
 
 
-def _bench(ctx: Context, label: str, step: str, extra: Sequence[str], timeout: float) -> tuple[Outcome, list[dict]]:
+def _python(script: Path, sharing: str | None) -> list[str]:
+    """The interpreter command for ``script``, under torch's 'file_system' sharing strategy when asked."""
+    return [sys.executable, "-c", LAUNCH, str(script)] if sharing else [sys.executable, str(script)]
+
+
+def _bench(ctx: Context, label: str, step: str, extra: Sequence[str], timeout: float,
+           workers: dict[str, Any] | None = None) -> tuple[Outcome, list[dict]]:
     """One tools/bench.py run; its rows (tagged with the step and label) or none when it failed."""
     out = ctx.out / "bench" / f"{label}.json"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(TOOLS / "bench.py"), "--device", ctx.plan.device, "--num-images",
-           str(ctx.plan.num_images), "--bench-dir", ctx.bench_dir(), "--workers", str(ctx.args.workers),
+    n = ctx.args.workers if workers is None else workers["workers"]
+    cmd = [*_python(TOOLS / "bench.py", (workers or {}).get("sharing")), "--device", ctx.plan.device,
+           "--num-images", str(ctx.plan.num_images), "--bench-dir", ctx.bench_dir(), "--workers", str(n),
            *ctx.plan.timing, *extra, "--json", str(out)]
     o = run_command(cmd, timeout=timeout, log=ctx.out / "logs" / f"{label}.log", env=ctx.plan.env)
     if o.status != "ok" or not out.is_file():
@@ -309,10 +169,10 @@ def _bench(ctx: Context, label: str, step: str, extra: Sequence[str], timeout: f
     ctx.report.setdefault("bench", {})[label] = {k: report.get(k) for k in ("args", "config", "recipe", "data")}
     rows = [{**r, "step": step, "label": label} for r in report["results"]]
     for r in rows:
-        err = r.get("error") or ""
-        if "is not installed" in err:
-            r["skipped"] = f"{r['backend']} not importable here" + (" (see gpucheck --help)" if r["backend"] ==
-                                                                     "dali" else "")
+        if "is not installed" in (r.get("error") or ""):
+            r["skipped"] = f"{r['backend']} not importable here (see gpucheck --help)"
+        if workers and workers.get("reason"):
+            r["workers_note"] = workers["reason"]
     ctx.rows.extend(rows)
     return o, rows
 
@@ -325,45 +185,64 @@ def _rows_status(o: Outcome, rows: list[dict]) -> str:
     return "failed" if broken or not measured else "ok"
 
 
-def step_model(ctx: Context, timeout: float) -> dict[str, Any]:
-    """Model-only rows, one bench process each, the step's time shared among them in plan order."""
+def _skipped_row(step: str, label: str, extra: Sequence[str], why: str) -> dict[str, Any]:
+    opts = dict(zip(extra[::2], extra[1::2]))  # the row's --model / --size / --batch / --precision
+    return {"step": step, "label": label, "backend": "synthetic", "mode": "model", "model": opts.get("--model"),
+            "batch": opts.get("--batch"), "size": opts.get("--size"), "precision": opts.get("--precision"),
+            "compile": "--compile" in extra, "images_per_s": None, "skipped": why}
+
+
+def _model_rows(ctx: Context, step: str, todo: Sequence[tuple[str, Sequence[str]]], timeout: float) -> dict:
+    """Model-only rows, one bench process each, the step's time shared evenly in plan order."""
     end = time.perf_counter() + timeout
     parts, notes = [], []
-    for label, extra in ctx.plan.model_rows:
-        if "--compile" in extra and ctx.plan.skip_compile:
-            parts.append({"label": label, "status": "skipped", "reason": ctx.plan.skip_compile})
-            opts = dict(zip(extra[::2], extra[1::2]))  # the row's --model / --size / --batch / --precision
-            ctx.rows.append({"step": "model", "label": label, "backend": "synthetic", "mode": "model",
-                             "model": opts.get("--model"), "batch": opts.get("--batch"), "size": opts.get("--size"),
-                             "precision": opts.get("--precision"), "compile": True, "images_per_s": None,
-                             "skipped": ctx.plan.skip_compile})
-    todo = [(label, extra) for label, extra in ctx.plan.model_rows
-            if not ("--compile" in extra and ctx.plan.skip_compile)]
     for i, (label, extra) in enumerate(todo):
         left = end - time.perf_counter()
         if left < 5:
             parts.append({"label": label, "status": "skipped", "reason": "step time used up"})
+            ctx.rows.append(_skipped_row(step, label, extra, "step time used up"))
             continue
-        # an even share of what is left, or all of it for the last row; compile gets what the others leave
-        share = left if i == len(todo) - 1 else left / (len(todo) - i) * (1.6 if "--compile" in extra else 1.0)
-        o, rows = _bench(ctx, label, "model", ("--modes", "model", "--backend", "torchvision", *extra),
-                         min(left, share))
+        o, rows = _bench(ctx, label, step, ("--modes", "model", "--backend", "torchvision", *extra),
+                         left / (len(todo) - i))
         status = _rows_status(o, rows)
         part: dict[str, Any] = {"label": label, "status": status, "seconds": round(o.seconds, 1)}
         if status != "ok":
             part["reason"] = next((r["error"] for r in rows if r.get("error")), None) or o.tail[-400:]
+            if not rows:
+                ctx.rows.append(_skipped_row(step, label, extra, f"{status} after {o.seconds:.0f} s"))
         parts.append(part)
-        notes += [f"{label} {r['images_per_s']:,.0f} img/s" for r in rows if r.get("images_per_s")]
+        notes += [f"{label} {r['images_per_s']:,.0f} {UNIT}" for r in rows if r.get("images_per_s")]
+        notes += [f"{label}: {part['reason'][-200:]}" for _ in (0,) if status != "ok"]
     bad = [p for p in parts if p["status"] in ("failed", "timeout")]
     return {"status": "failed" if bad else "ok", "parts": parts, "summary": "; ".join(notes) or "no rows"}
 
 
+def step_model(ctx: Context, timeout: float) -> dict[str, Any]:
+    """Eager model-only rows."""
+    return _model_rows(ctx, "model", ctx.plan.model_rows, timeout)
+
+
+def step_compile(ctx: Context, timeout: float) -> dict[str, Any]:
+    """torch.compile rows with the whole step's budget (a cold compile), after the C compiler check."""
+    why = ctx.plan.skip_compile or (ctx.host()["compiler"].get("reason") if ctx.plan.device == "cuda" else None)
+    if why:
+        ctx.rows.extend(_skipped_row("compile", label, extra, why) for label, extra in ctx.plan.compile_rows)
+        return {"status": "skipped", "reason": why}
+    return _model_rows(ctx, "compile", ctx.plan.compile_rows, timeout)
+
+
 _IMPORT = {"torchvision": "torchvision", "dali": "nvidia.dali", "ffcv": "ffcv"}
+
+def _cuda_test_files() -> list[str]:
+    """The test files holding a ``cuda`` mark: collecting only these saves importing the whole suite."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                  if "@pytest.mark.cuda" in p.read_text(errors="replace"))
 
 
 def _loader_step(ctx: Context, timeout: float, step: str, modes: str) -> dict[str, Any]:
     """One bench process per importable backend (a slow one costs only its own rows), the step's time
-    shared evenly; a backend that is not importable gets a skipped row without starting anything."""
+    shared evenly; a backend that is not importable gets a skipped row without starting anything.
+    torchvision's DataLoader workers are cut to what /dev/shm holds (see the env step)."""
     end = time.perf_counter() + timeout
     names = list(_IMPORT) if ctx.plan.backends == "all" else ctx.plan.backends.split(",")
     todo = [b for b in names if _find(_IMPORT[b])]
@@ -371,7 +250,7 @@ def _loader_step(ctx: Context, timeout: float, step: str, modes: str) -> dict[st
     notes, statuses, tails = [], [], []
     for b in names:
         if b not in todo:
-            why = f"{b} not importable here" + (" (see gpucheck --help)" if b == "dali" else "")
+            why = f"{b} not importable here (see gpucheck --help)"
             ctx.rows.append({"step": step, "label": f"{step}-{b}", "backend": b, "mode": mode,
                              "images_per_s": None, "error": f"backend {b!r} is not installed", "skipped": why})
             notes.append(f"{b}: {why}")
@@ -381,8 +260,9 @@ def _loader_step(ctx: Context, timeout: float, step: str, modes: str) -> dict[st
             statuses.append("timeout")
             notes.append(f"{b}: step time used up")
             continue
+        workers = ctx.host()["bench_workers"] if b == "torchvision" else None
         o, rows = _bench(ctx, f"{step}-{b}", step, ("--modes", modes, "--backend", b, *ctx.plan.loader_args),
-                         left / (len(todo) - i))
+                         left / (len(todo) - i), workers)
         mine = [r for r in rows if r["mode"] != "model"]
         statuses.append(_rows_status(o, mine))
         if statuses[-1] != "ok":
@@ -390,13 +270,15 @@ def _loader_step(ctx: Context, timeout: float, step: str, modes: str) -> dict[st
         for r in mine:
             if r.get("images_per_s") is not None:
                 eff = r.get("loader_efficiency")
-                notes.append(f"{b} {r['pairs_per_s']:,.0f} pairs/s" + (f" ({100 * eff:.0f}%)" if eff else ""))
+                notes.append(f"{b} {r['images_per_s']:,.0f} {UNIT}" + (f" ({100 * eff:.0f}%)" if eff else ""))
             else:
                 notes.append(f"{b}: {r.get('error')}")
         if not mine:
             notes.append(f"{b}: {o.status}")
     status = "timeout" if "timeout" in statuses else ("failed" if "failed" in statuses else "ok")
     out: dict[str, Any] = {"status": status if todo else "skipped", "summary": "; ".join(notes) or "no rows"}
+    if not todo:
+        out["reason"] = out["summary"]
     if tails:
         out["log_tail"] = "\n---\n".join(tails)
     return out
@@ -413,10 +295,11 @@ def step_e2e(ctx: Context, timeout: float) -> dict[str, Any]:
 
 
 def _train_cmd(ctx: Context, data: str, max_steps: int) -> list[str]:
+    workers = ctx.host()["train_workers"]
     cfg = {**ctx.plan.train, "name": "run", "out_dir": str(ctx.out / "train"), "data": data, "resume": "auto",
-           "max_steps": max_steps, "knn_every": 0, "num_workers": ctx.args.workers}
-    return [sys.executable, str(TOOLS / "train.py"), *(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                                                        for k, v in cfg.items())]
+           "max_steps": max_steps, "knn_every": 0, "num_workers": workers["workers"]}
+    return [*_python(TOOLS / "train.py", workers.get("sharing")),
+            *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items())]
 
 
 def _falling(csv_path: Path, after_step: int) -> bool:
@@ -451,7 +334,6 @@ def _trend(csv_path: Path) -> dict[str, tuple[float, float]]:
 def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
     """tools/train.py on the bench set: ``train_steps`` steps, checks, then a resume for ``resume_steps`` more."""
     end = time.perf_counter() + timeout
-    sys.path[:0] = [p for p in (str(ROOT), str(TOOLS)) if p not in sys.path]
     from _benchdata import bench_root
 
     data = str(bench_root(ctx.plan.num_images, 0, ctx.bench_dir()))
@@ -476,8 +358,10 @@ def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
                 "log_tail": first.tail}
     s1 = json.loads((run_dir / "summary.json").read_text())
     losses = [float(x) for x in s1["losses"]]
+    views_per_s = s1.get("images_per_s")  # train.py counts every view it trains on
     info.update(steps=s1["steps"], precision=s1["precision"], backend=s1["backend"], losses=losses,
-                images_per_s=s1.get("images_per_s"), seconds=round(first.seconds, 1))
+                images_per_s=views_per_s / VIEWS if views_per_s else None, views_per_s=views_per_s,
+                seconds=round(first.seconds, 1), workers=ctx.host()["train_workers"])
     refill = ctx.plan.train["queue_size"] // ctx.plan.train["batch_size"]
     checks = {"finite": bool(losses) and all(math.isfinite(x) for x in losses),
               "falling": _falling(run_dir / "metrics.csv", refill),
@@ -500,7 +384,7 @@ def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
     summary = (f"{n1} steps, precision {s1['precision']}, {s1['backend']}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
                if losses else f"{n1} steps, no loss logged")
     summary += "".join(f" ({k} {a:.3f} -> {b:.3f})" for k, (a, b) in info["trend"].items() if k != "loss")
-    summary += f", {s1['images_per_s']:,.0f} img/s" if s1.get("images_per_s") else ""
+    summary += f", {info['images_per_s']:,.0f} {UNIT}" if info["images_per_s"] else ""
     summary += "; " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items())
     out: dict[str, Any] = {"status": "ok" if ok else "failed", "summary": summary}
     if second.status != "ok":
@@ -509,13 +393,31 @@ def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
 
 
 STEP_FUNCS: dict[str, tuple[str, Callable[[Context, float], dict[str, Any]]]] = {
+    "wheels": ("Carried wheels", step_wheels),
     "env": ("Environment", step_env),
     "tests": ("CUDA tests (pytest -m cuda)", step_tests),
     "model": ("Model-only ReSSL step", step_model),
+    "compile": ("Model-only, torch.compile", step_compile),
     "loader": ("Loader only", step_loader),
     "e2e": ("End to end", step_e2e),
     "train": ("Training run + resume", step_train),
 }
+
+
+def _earlier(out: Path, plan: Plan, selected: list[str]) -> dict[str, Any] | None:
+    """The report of an earlier call in ``out`` (same plan), without the steps this call runs again."""
+    try:
+        old = json.loads((out / "gpucheck.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if old.get("kind") != "gpucheck" or old.get("plan") != plan.name or old.get("schema") != SCHEMA_VERSION:
+        return None
+    old["steps"] = [s for s in old["steps"] if s["step"] not in selected]
+    old["results"] = [r for r in old.get("results", []) if r.get("step") not in selected]
+    for name, key in (("tests", "tests"), ("train", "train")):
+        if name in selected:
+            old.pop(key, None)
+    return old
 
 
 def run_plan(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
@@ -523,14 +425,19 @@ def run_plan(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(args.out).resolve()  # the steps run from the project root; the caller may not
     out.mkdir(parents=True, exist_ok=True)
+    selected = [s for s in STEPS if s in args.step_list]
     report: dict[str, Any] = {
-        "schema": SCHEMA_VERSION, "kind": "gpucheck",
+        "schema": SCHEMA_VERSION, "kind": "gpucheck", "unit": UNIT,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "plan": plan.name, "budget_s": args.budget_s, "machine": None,
         "args": {k: v for k, v in vars(args).items()}, "steps": [], "results": [],
     }
-    ctx = Context(args, plan, out, t0 + args.budget_s, report)
-    selected = [s for s in STEPS if s in args.step_list]
+    earlier = _earlier(out, plan, selected) if getattr(args, "append", False) else None
+    if earlier:
+        report.update({k: v for k, v in earlier.items() if k not in ("date", "args", "budget_s")})
+        report["calls"] = earlier.get("calls", 1) + 1
+    ctx = Context(args, plan, out, t0 + args.budget_s, report, rows=list(report["results"]))
+    done_before = list(report["steps"])
     for i, name in enumerate(selected):
         title, fn = STEP_FUNCS[name]
         later = sum(plan.shares[s] for s in selected[i + 1:])
@@ -546,101 +453,40 @@ def run_plan(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
             except Exception as e:  # a broken step is a finding; the next step still runs
                 entry.update(status="failed", reason=f"{type(e).__name__}: {e}")
             entry["seconds"] = round(time.perf_counter() - s0, 1)
-        report["steps"].append(entry)
+        done_before = [s for s in done_before if s["step"] != name]
+        report["steps"] = sorted([*done_before, *[s for s in report["steps"] if s["step"] in selected], entry],
+                                 key=lambda s: STEPS.index(s["step"]))
         note = entry.get("summary") or entry.get("reason") or ""
         print(f"[gpucheck] {name}: {entry['status']} in {entry['seconds']:.0f} s" + (f" - {note}" if note else ""),
               flush=True)
-        report["results"] = ctx.rows
-        report["wall_s"] = round(time.perf_counter() - t0, 1)
-        _write(out, report)  # after every step: a later kill still leaves what was measured
+        report["results"] = sorted(ctx.rows, key=lambda r: STEPS.index(r["step"]) if r.get("step") in STEPS else 0)
+        report["wall_s"] = round(report.get("wall_before_s", 0) + time.perf_counter() - t0, 1)
+        write_report(out, report)  # after every step: a later kill still leaves what was measured
+    report["wall_before_s"] = report.get("wall_s", 0)
+    write_report(out, report)
     return report
-
-
-def _write(out: Path, report: dict[str, Any]) -> None:
-    """gpucheck.json and gpucheck.md, each written atomically (temp file in the same directory, rename)."""
-    for name, text in (("gpucheck.json", json.dumps(report, indent=2, default=str) + "\n"),
-                       ("gpucheck.md", format_markdown(report))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-# ---------------------------------------------------------------------------------------------------
-# markdown
-# ---------------------------------------------------------------------------------------------------
-def _num(v: float | None, fmt: str = ",.0f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: a heading with machine and date, the steps, the throughput rows, tests, training."""
-    m = report.get("machine") or {}
-    gpu = (m.get("gpu") or {}).get("name") or "no GPU"
-    torch_v = (m.get("versions") or {}).get("torch", "?")
-    commit = ((m.get("git") or {}).get("commit") or "?")[:10]
-    lines = [f"gpucheck ({report['plan']} plan): {gpu}, torch {torch_v}, commit {commit}, {report['date'][:10]}, "
-             f"{report.get('wall_s', 0):.0f} s of a {report['budget_s']:.0f} s budget", "",
-             "| step | status | s | result |", "|---|---|---|---|"]
-    for s in report["steps"]:
-        text = (s.get("summary") or s.get("reason") or "").replace("|", "/").replace("\n", " ")
-        lines.append(f"| {s['title']} | {s['status']} | {s.get('seconds', 0):.0f} | {text} |")
-    rows = report.get("results") or []
-    if rows:
-        lines += ["", "| step | backend | mode | model | batch | size | precision | compile | images/s | pairs/s "
-                      "| loader eff. | peak GPU mem | note |", "|" + "---|" * 13]
-        for r in rows:
-            eff = r.get("loader_efficiency")
-            mem = r.get("peak_mem_bytes")
-            note = r.get("skipped") or r.get("error") or ""
-            if not note and r.get("h2d_bytes_per_s") is not None:
-                note = f"H2D {r['h2d_bytes_per_s'] / 1e9:.2f} GB/s"
-            elif not note and r.get("device") == "cuda" and r["mode"] != "model":
-                note = "H2D: no NVML (pynvml not importable)"
-            ips = r.get("images_per_s")
-            rate = "-" if ips is None else f"{ips:,.0f} ± {r.get('images_per_s_std') or 0:,.0f}"
-            lines.append(f"| {r['step']} | {r['backend']} | {r['mode']} | {r.get('model', '')} | {r.get('batch', '')} "
-                         f"| {r.get('size', '')} | {r.get('precision', '')} | {'yes' if r.get('compile') else 'no'} "
-                         f"| {rate} | {_num(r.get('pairs_per_s'))} | {'-' if eff is None else f'{100 * eff:.0f}%'} "
-                         f"| {'-' if mem is None else f'{mem / 2**30:.1f} GiB'} | {note.replace('|', '/')} |")
-    tests = report.get("tests") or []
-    if tests:
-        lines += ["", "| CUDA test | outcome | note |", "|---|---|---|"]
-        lines += [f"| {t['test']} | {t['outcome']} | {t['message'].replace('|', '/')} |" for t in tests]
-    tr = report.get("train") or {}
-    if tr.get("losses"):
-        lines += ["", f"Training run: {tr['config']['backbone']} {tr['config']['recipe']} batch "
-                      f"{tr['config']['batch_size']} {tr.get('precision')}, {tr.get('steps')} steps in "
-                      f"{tr.get('seconds')} s ({_num(tr.get('images_per_s'))} img/s), loss "
-                      + " ".join(f"{x:.3f}" for x in tr["losses"])
-                      + f"; resumed to {tr['resume_to']}: " + ", ".join(f"{k} {'yes' if v else 'NO'}"
-                                                                        for k, v in tr.get("checks", {}).items())]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gpucheck.py", description=__doc__, epilog=DALI_HELP,
+    p = argparse.ArgumentParser(prog="gpucheck.py", description=__doc__, epilog=DEVICE_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/gpucheck", help="output directory (default runs/gpucheck)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock budget of the whole check in seconds (default 480; 240 with --cpu: "
-                        "about a dozen processes each import torch, 13 s apiece on a loaded 2-core machine)")
+                   help="wall-clock budget of this call in seconds (default 540, inside a 10-minute device "
+                        "call; 240 with --cpu: about a dozen processes each import torch)")
     p.add_argument("--cpu", action="store_true", help="the same plan on CPU with tiny sizes (CI tests the script)")
     p.add_argument("--quick", action="store_true", help="with --cpu: one model row, torchvision only, 8+2 "
                                                         "training steps, one CUDA test file (about a minute)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {','.join(STEPS)} (default: all)")
+    p.add_argument("--append", action="store_true", help="keep the other steps of the report already in --out "
+                                                         "(an earlier call of the same plan)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: the cores this process "
-                                                             "may use)")
+                                                             "may use; torchvision's are cut to fit /dev/shm)")
     p.add_argument("--bench-dir", default="data/bench", help="cache of the generated bench set (default data/bench)")
+    p.add_argument("--site", default="/tmp/site", help="where the carried wheels are installed (default /tmp/site)")
     return p
 
 
@@ -655,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick and not args.cpu:
         parser.error("--quick shortens the CPU plan; use it with --cpu")
     if args.budget_s is None:
-        args.budget_s = 240.0 if args.cpu else 480.0
+        args.budget_s = 240.0 if args.cpu else 540.0
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be > 0, got {args.budget_s}")
     if args.workers is None:
@@ -673,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parser.error("torch sees no CUDA device here; run with --cpu for the CPU plan")
     plan = PLANS["cpu" if args.cpu else "gpu"]
     if args.quick:
-        plan = _quick(plan)
+        plan = quick(plan)
     report = run_plan(args, plan)
     print(format_markdown(report))
     print(f"[gpucheck] wrote {Path(args.out) / 'gpucheck.json'} and gpucheck.md in {report['wall_s']:.0f} s")

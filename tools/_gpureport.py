@@ -1,0 +1,101 @@
+"""The GPU check's report: pytest's JUnit rows, the Markdown tables, the atomic write of both files.
+
+Throughput has one unit in every table, **images/s**: stored images (dataset samples) per second, each
+turned into one weak + n strong views (the bench's ``images_per_s``; training's logged rate counts
+views and is divided by 1 + n here).
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from ressl.io import atomic_write_bytes
+
+__all__ = ["UNIT", "UNIT_NOTE", "format_markdown", "junit_rows", "write_report"]
+
+UNIT = "images/s"
+UNIT_NOTE = ("images/s = stored images (samples) per second; each gives one weak + n strong views "
+             "(n = 1 in the bench and training recipes here), so views/s = (1 + n) x images/s")
+
+
+def junit_rows(path: Path) -> list[dict[str, str]]:
+    """One row per test case of a JUnit XML file: passed / skipped / failed / error / not collected."""
+    rows = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
+                if child.get("message") == "collection failure":  # a module this machine cannot import
+                    outcome = "not collected"
+                first = (child.get("message") or "").strip().splitlines()[0:1]
+                message = first[0][:200] if first else ""
+                break
+        name = f"{case.get('classname', '')}::{case.get('name', '')}".lstrip(":")
+        rows.append({"test": name, "outcome": outcome, "message": message})
+    return rows
+
+
+def _num(v: float | None, fmt: str = ",.0f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _cell(text: Any) -> str:
+    return str(text or "").replace("|", "/").replace("\n", " ")
+
+
+def _row_note(r: dict[str, Any]) -> str:
+    note = r.get("skipped") or r.get("error") or ""
+    if not note and r.get("h2d_bytes_per_s") is not None:
+        note = f"H2D {r['h2d_bytes_per_s'] / 1e9:.2f} GB/s"
+    elif not note and r.get("device") == "cuda" and r["mode"] != "model":
+        note = "H2D: no NVML (pynvml not importable)"
+    return note
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: a heading with machine and date, the steps, the throughput rows, tests, training."""
+    m = report.get("machine") or {}
+    gpu = (m.get("gpu") or {}).get("name") or "no GPU"
+    torch_v = (m.get("versions") or {}).get("torch", "?")
+    commit = ((m.get("git") or {}).get("commit") or "?")[:10]
+    lines = [f"gpucheck ({report['plan']} plan): {gpu}, torch {torch_v}, commit {commit}, {report['date'][:10]}, "
+             f"{report.get('wall_s', 0):.0f} s of a {report['budget_s']:.0f} s budget", "",
+             "| step | status | s | result |", "|---|---|---|---|"]
+    for s in report["steps"]:
+        lines.append(f"| {s['title']} | {s['status']} | {s.get('seconds', 0):.0f} "
+                     f"| {_cell(s.get('summary') or s.get('reason'))} |")
+    rows = report.get("results") or []
+    if rows:
+        lines += ["", f"| step | backend | mode | model | batch | size | precision | compile | workers | {UNIT} "
+                      "| loader eff. | peak GPU mem | note |", "|" + "---|" * 13]
+        for r in rows:
+            eff, mem, ips = r.get("loader_efficiency"), r.get("peak_mem_bytes"), r.get("images_per_s")
+            rate = "-" if ips is None else f"{ips:,.0f} ± {r.get('images_per_s_std') or 0:,.0f}"
+            lines.append(f"| {r['step']} | {r['backend']} | {r['mode']} | {r.get('model', '')} | {r.get('batch', '')} "
+                         f"| {r.get('size', '')} | {r.get('precision', '')} | {'yes' if r.get('compile') else 'no'} "
+                         f"| {r.get('num_workers', '')} | {rate} | {'-' if eff is None else f'{100 * eff:.0f}%'} "
+                         f"| {'-' if mem is None else f'{mem / 2**30:.1f} GiB'} | {_cell(_row_note(r))} |")
+        lines += ["", UNIT_NOTE + "."]
+    tests = report.get("tests") or []
+    if tests:
+        lines += ["", "| CUDA test | outcome | note |", "|---|---|---|"]
+        lines += [f"| {t['test']} | {t['outcome']} | {_cell(t['message'])} |" for t in tests]
+    tr = report.get("train") or {}
+    if tr.get("losses"):
+        cfg = tr["config"]
+        lines += ["", f"Training run: {cfg['backbone']} {cfg['recipe']} batch {cfg['batch_size']} "
+                      f"{tr.get('precision')}, {tr.get('steps')} steps in {tr.get('seconds')} s "
+                      f"({_num(tr.get('images_per_s'))} {UNIT}), loss " + " ".join(f"{x:.3f}" for x in tr["losses"])
+                      + f"; resumed to {tr['resume_to']}: " + ", ".join(f"{k} {'yes' if v else 'NO'}"
+                                                                        for k, v in tr.get("checks", {}).items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """gpucheck.json and gpucheck.md, each written atomically (temp file, fsync, rename)."""
+    atomic_write_bytes(out / "gpucheck.json", (json.dumps(report, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(out / "gpucheck.md", format_markdown(report).encode())

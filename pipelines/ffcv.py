@@ -34,6 +34,7 @@ from .batch import FFCV_ORDERS, Batch, LoaderConfig
 from .draw import crop_box, view_key
 from .folder import epoch_order
 from .gpu_augment import augment_view, drawn_view_params
+from .resident import ResidentLoader, fits_resident
 from .samples import BetonSamples, bad_samples
 from .spec import RecipeSpec, ViewSpec
 
@@ -339,7 +340,8 @@ def build_ffcv_loader(
     drop_last: bool = True,
     out_dtype: torch.dtype = torch.float32,
     augment_impl: str = "auto",
-) -> FFCVLoader:
+    resident: bool | None = None,
+) -> FFCVLoader | ResidentLoader:
     """FFCV loader over ``<cfg.data>/<split>.beton`` for process ``rank`` of ``world_size``.
 
     Records whose JPEG bytes do not decode are found once (cached next to the file, see
@@ -355,6 +357,9 @@ def build_ffcv_loader(
         drop_last: drop the short last batch (training always does: the queue takes whole batches).
         out_dtype: float32, float16 or bfloat16 batches.
         augment_impl: ``impl`` of :func:`augment_view` when it runs ("auto", "torch", "numba").
+        resident: hold the split on ``device`` and crop there (:mod:`pipelines.resident`); None = whenever
+            it applies (raw pixels, at most 64 px, one size, within the memory budget, order "auto" or
+            "random"), True = require it, False = FFCV's threads crop on the CPU.
     """
     cfg = LoaderConfig.of(cfg)
     path = Path(cfg.data) / f"{split}.beton"
@@ -377,6 +382,21 @@ def build_ffcv_loader(
     samples = BetonSamples(path)
     bad = bad_samples(samples, threads=cfg.threads)
     good = np.setdiff1d(np.arange(len(samples)), np.fromiter(bad, dtype=np.int64, count=len(bad)))
+    if resident is not False:
+        meta = samples.meta
+        why = fits_resident(meta["height"], meta["width"], meta["mode"] != IMAGE_MODES["jpg"])
+        if why is None and cfg.ffcv_order not in ("auto", "random"):
+            why = f"ffcv_order={cfg.ffcv_order!r} (the resident loader visits in the random order)"
+        if why is None:
+            images = torch.from_numpy(np.stack([np.asarray(samples.image(i)) for i in range(len(samples))]))
+            log.info("%s: %d raw %dx%d images held on %s, cropped there (rank %d/%d)", path, len(samples),
+                     images.shape[1], images.shape[2], device, rank, world_size)
+            return ResidentLoader(images, samples.labels, good, spec, batch_size=batch, device=device, rank=rank,
+                                  world_size=world_size, seed=cfg.seed, channels_last=cfg.channels_last,
+                                  out_dtype=out_dtype, bad_files=len(bad))
+        if resident:
+            raise ValueError(f"FFCV backend: {str(path)!r} cannot be held on the device: {why}")
+        log.info("%s: crops on the CPU in FFCV's threads (device crops need: %s)", path, why)
     log.info("FFCV loader %s: rank %d/%d, %d threads, order=%s, os_cache=%s, augment on %s (%s), %d bad records",
              path, rank, world_size, cfg.threads, order, os_cache, device, augment_impl, len(bad))
     return FFCVLoader(path, spec, batch_size=batch, num_threads=cfg.threads, device=device, rank=rank,

@@ -3,7 +3,8 @@
 The images encode their own coordinates (red = 4 x column, green = 5 x row, blue = 10 x label), so the
 mean red / green of a view tells the crop box it was cut from and the slope of red tells a flip. Each
 backend's views are checked against the box and flip that :mod:`pipelines.draw` gives the sample —
-the same parameters in torchvision, DALI and FFCV. Then: two loaders that differ only in threads,
+the same parameters in torchvision, DALI and FFCV (its threads cropping JPEG or raw records on the
+CPU, and raw small images cropped on the device by :mod:`pipelines.resident`). Then: two loaders that differ only in threads,
 workers or world size give identical per-sample views, and a resume mid-epoch gives the straight run's
 batches bit for bit.
 """
@@ -68,9 +69,19 @@ def _cfg(data: Path, **kw) -> SimpleNamespace:
     return SimpleNamespace(**{**base, **kw})
 
 
-def _need(backend: str) -> None:
-    pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv", "torchvision": "torchvision"}[backend],
+BACKENDS = ["torchvision", "dali", "ffcv", "ffcv-threads"]  # ffcv: raw small images cropped on the device
+
+
+def _build(data: Path, backend: str, spec: RecipeSpec, rank: int = 0, world_size: int = 1, **kw):
+    """A training loader; ``ffcv-threads`` is FFCV's own threads cropping on the CPU (the JPEG path)."""
+    pytest.importorskip("nvidia.dali" if backend == "dali" else backend.split("-")[0],
                         reason=f"the {backend} backend is not installed")
+    if backend == "ffcv-threads":
+        from pipelines.ffcv import build_ffcv_loader
+
+        return build_ffcv_loader(_cfg(data, **kw), spec, split="train", device=torch.device("cpu"), rank=rank,
+                                 world_size=world_size, resident=False)
+    return build_loader(_cfg(data, **kw), backend, spec=spec, rank=rank, world_size=world_size)
 
 
 def _epochs(loader, epochs: range, spec: RecipeSpec) -> list[dict[str, torch.Tensor]]:
@@ -171,10 +182,9 @@ def test_draws_are_the_same_with_jit_off():
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_each_backend_uses_the_drawn_crop_box_and_flip(data, backend):
-    _need(backend)
-    loader = build_loader(_cfg(data), backend, spec=GEOMETRY)
+    loader = _build(data, backend, GEOMETRY)
     seen = _per_sample(_epochs(loader, range(2), GEOMETRY), GEOMETRY, len(loader))
     assert len(seen) == 2 * N
     worst = 0.0
@@ -206,23 +216,23 @@ def _assert_same(a: list[dict], b: list[dict]) -> None:
             assert torch.equal(x[k], y[k]), k
 
 
-PARALLEL = {"torchvision": dict(num_workers=2), "dali": dict(num_threads=2), "ffcv": dict(num_threads=2)}
+PARALLEL = {"torchvision": dict(num_workers=2), "dali": dict(num_threads=2), "ffcv": dict(num_threads=2),
+            "ffcv-threads": dict(num_threads=2)}
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_threads_workers_and_world_size_do_not_change_a_sample(data, backend):
-    _need(backend)
-    one = build_loader(_cfg(data), backend, spec=FULL)
+    one = _build(data, backend, FULL)
     base = _epochs(one, range(2), FULL)
     again = _epochs(one, range(2), FULL)  # the same loader twice: identical
     _assert_same(base, again)
-    par = build_loader(_cfg(data, **PARALLEL[backend]), backend, spec=FULL)
+    par = _build(data, backend, FULL, **PARALLEL[backend])
     _assert_same(base, _epochs(par, range(2), FULL))
     # rank 0 and 1 of 2 (batch 4 global = 2 each): every sample's views as in the single process
     want = _per_sample(base, FULL, len(one))
     got = {}
     for rank in (0, 1):
-        shard = build_loader(_cfg(data), backend, spec=FULL, rank=rank, world_size=2)
+        shard = _build(data, backend, FULL, rank=rank, world_size=2)
         got.update(_per_sample(_epochs(shard, range(2), FULL), FULL, len(shard)))
     assert got.keys() == want.keys()
     for key in want:
@@ -230,14 +240,13 @@ def test_threads_workers_and_world_size_do_not_change_a_sample(data, backend):
             assert torch.equal(got[key][name], want[key][name]), (key, name)
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_gives_the_straight_runs_batches(data, backend):
-    _need(backend)
-    loader = build_loader(_cfg(data), backend, spec=FULL)
+    loader = _build(data, backend, FULL)
     straight = _epochs(loader, range(3, 4), FULL)
     loader.set_epoch(3, start_batch=2)
     resumed = [{"label": b.label.clone(), "weak": b.weak.clone(), "strong": b.strong[0].clone()} for b in loader]
     _assert_same(straight[2:], resumed)
-    fresh = build_loader(_cfg(data), backend, spec=FULL)  # a new process resuming there
+    fresh = _build(data, backend, FULL)  # a new process resuming there
     fresh.set_epoch(3, start_batch=2)
     _assert_same(straight[2:], [{"label": b.label, "weak": b.weak, "strong": b.strong[0]} for b in fresh])

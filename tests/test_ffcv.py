@@ -96,16 +96,17 @@ def _collect(loader: Loader, epochs: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(data) -> dict[int, dict[str, torch.Tensor]]:
-    """Rank 0 (Numba colour kernel) and rank 1 (batched torch ops) of 2, EPOCHS epochs each."""
+    """Rank 0 (held on the device, Numba colour kernel) and rank 1 (FFCV's threads crop, batched torch ops)
+    of 2, EPOCHS epochs each."""
     out = {}
     from pipelines.ffcv import build_ffcv_loader
 
     for rank in (0, 1):
-        if rank == 0:  # through the package's dispatch: gpu_augment's fused CPU kernel
+        if rank == 0:  # through the package's dispatch: raw 20x28 images, cropped by the resident loader
             loader = build_loader(_cfg(data), "ffcv", spec=SPEC, rank=rank, world_size=2)
         else:  # gpu_augment's batched tensor ops, the accelerator path, here on the CPU
             loader = build_ffcv_loader(_cfg(data), SPEC, split="train", device=torch.device("cpu"), rank=rank,
-                                       world_size=2, augment_impl="torch")
+                                       world_size=2, augment_impl="torch", resident=False)
         assert isinstance(loader, Loader) and loader.batch_size == 4 and len(loader) == 3
         out[rank] = _collect(loader, EPOCHS)
         out[rank]["loader"] = loader

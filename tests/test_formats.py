@@ -364,3 +364,13 @@ def _read_beton_sizes(path) -> tuple[list[tuple[int, int]], np.ndarray]:
 
     b = BetonSamples(path)
     return list(zip(b.meta["height"].tolist(), b.meta["width"].tolist())), b.labels
+
+
+def test_conversion_bench_times_ours_against_ffcvs_own_writer():
+    pytest.importorskip("ffcv", reason="FFCV is not installed (the [ffcv] extra)")
+    from pipelines.formats.bench import bench_convert
+
+    rates = bench_convert(6, (1,), 1, only=("beton jpg (scan", "FFCV DatasetWriter"))
+    assert sorted(rates) == ["FFCV DatasetWriter (its write_datasets.py way, no scan), workers=1",
+                             "beton jpg (scan + FFCV re-encode, one decode), workers=1"]
+    assert all(r > 0 for r in rates.values())

@@ -3,19 +3,25 @@
     python -m pipelines.formats.bench                      # both parts, 200 generated JPEGs
     python -m pipelines.formats.bench --part kernels
     python -m pipelines.formats.bench --part convert --images 200 --workers 1 2
+    python -m pipelines.formats.bench --part convert --workers 2 --cases "beton jpg (,rec+beton,FFCV"
 
 ``convert`` writes ``--images`` photo-like JPEGs of about 500x375 (ImageNet's typical size; the
 loader benchmark's generator, :mod:`.synthetic`) into a temporary ImageFolder tree and times each
 output format through :func:`~.convert.convert` (the same code ``make dataset`` runs), after one
-warm-up conversion so imports and Numba compilation are not counted. ``kernels`` times each kernel
+warm-up conversion so imports and Numba compilation are not counted. Each of our rows includes the
+validity scan (every image decoded once, for the scan and the encode alike). The row ``FFCV
+DatasetWriter`` is the baseline: FFCV's own writer as its ``write_datasets.py`` example drives it
+(torchvision's ``ImageFolder`` over the same files, ``RGBImageField(write_mode="jpg")``, quality 90),
+with the same number of processes; it checks nothing and drops no bad file. ``kernels`` times each kernel
 compiled, as its pure-Python body (the JIT switch off), and, where one exists, as the NumPy
-expression a person would write instead. Every figure is the median of ``--repeats`` runs; results
-are logged and written as JSON with ``--json``.
+expression a person would write instead. Every figure is the median of ``--repeats`` runs (the
+conversion rows interleaved, repeat by repeat); results are logged and written as JSON with ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import platform
 import statistics
@@ -120,15 +126,18 @@ def _bench_framing(payloads: list[bytes], repeats: int) -> dict[str, float]:
     }
 
 
-def bench_convert(n: int = 200, workers: tuple[int, ...] = (1,), repeats: int = 3) -> dict[str, float]:
-    """Images per second of each output format on ``n`` generated ImageNet-size JPEGs."""
+def bench_convert(n: int = 200, workers: tuple[int, ...] = (1,), repeats: int = 3, only: tuple[str, ...] = (),
+                  ) -> dict[str, float]:
+    """Images per second of each output format, and of FFCV's own writer, on ``n`` generated ImageNet-size
+    JPEGs; ``only``: keep the rows whose name contains one of these substrings."""
     from .convert import ConvertOptions, convert
     from .sources import build_source
 
     cases = {
         "rec (JPEG pass-through)": dict(formats=("rec",)),
         "rec --max-side 256 (resize + re-encode)": dict(formats=("rec",), max_side=256),
-        "beton jpg (scan + FFCV re-encode)": dict(formats=("beton",)),
+        "beton jpg (scan + FFCV re-encode, one decode)": dict(formats=("beton",)),
+        "rec+beton jpg (make dataset's default formats)": dict(formats=("rec", "beton")),
         "beton jpg --max-side 256": dict(formats=("beton",), max_side=256),
         "beton raw": dict(formats=("beton",), beton_mode="raw"),
         "tree (copy of a flat split, hard links)": dict(formats=("folder",)),
@@ -140,13 +149,36 @@ def bench_convert(n: int = 200, workers: tuple[int, ...] = (1,), repeats: int = 
         source.folder_splits.clear()  # time a real tree copy, not a symlink
         convert(source, Path(tmp) / "out", ConvertOptions(formats=("rec", "beton"), progress=False))  # warm-up
         for nw in workers:
-            for name, kw in cases.items():
-                opts = ConvertOptions(workers=nw, force=True, progress=False, **kw)
-                dt = _median_time(lambda o=opts: convert(source, Path(tmp) / "out", o), repeats)
+            runs = {name: functools.partial(convert, source, Path(tmp) / "out",
+                                            ConvertOptions(workers=nw, force=True, progress=False, **kw))
+                    for name, kw in cases.items()}
+            runs["FFCV DatasetWriter (its write_datasets.py way, no scan)"] = \
+                lambda w=nw: _ffcv_dataset_writer(src, Path(tmp) / "ffcv.beton", w)
+            runs = {name: run for name, run in runs.items() if not only or any(o in name for o in only)}
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for _ in range(repeats):  # rows interleaved, so a shared machine's load swings hit them alike
+                for name, run in runs.items():
+                    times[name].append(_median_time(run, 1))
+            for name, ts in times.items():
                 key = f"{name}, workers={nw}"
-                results[key] = n / dt
-                log.info("%-58s %7.1f img/s", key, n / dt)
+                results[key] = n / statistics.median(ts)
+                log.info("%-58s %7.1f img/s", key, results[key])
     return results
+
+
+def _ffcv_dataset_writer(src: Path, out: Path, workers: int) -> None:
+    """FFCV's own writer over an ImageFolder of ``src`` (the baseline row; see module doc)."""
+    import contextlib
+    import io
+
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    writer = DatasetWriter(str(out), {"image": RGBImageField(write_mode="jpg", jpeg_quality=90),
+                                      "label": IntField()}, num_workers=workers)
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+        writer.from_indexed_dataset(ImageFolder(str(src)), chunksize=100)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--part", choices=["all", "kernels", "convert"], default="all")
     p.add_argument("--images", type=int, default=200, help="generated JPEGs for the conversion part")
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to time")
+    p.add_argument("--cases", default="",
+                   help="comma-separated substrings: time only the conversion rows whose name contains one")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write the figures here as JSON")
     args = p.parse_args(argv)
@@ -164,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("all", "kernels"):
         report["kernels"] = bench_kernels(args.repeats)
     if args.part in ("all", "convert"):
-        report["convert_img_per_s"] = bench_convert(args.images, tuple(args.workers), args.repeats)
+        only = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+        report["convert_img_per_s"] = bench_convert(args.images, tuple(args.workers), args.repeats, only)
     if args.json:
         from ressl.io import atomic_write_json
 

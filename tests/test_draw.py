@@ -250,3 +250,19 @@ def test_resume_mid_epoch_gives_the_straight_runs_batches(data, backend):
     fresh = _build(data, backend, FULL)  # a new process resuming there
     fresh.set_epoch(3, start_batch=2)
     _assert_same(straight[2:], [{"label": b.label, "weak": b.weak, "strong": b.strong[0]} for b in fresh])
+
+
+def test_eval_loaders_are_deterministic_whatever_the_workers(data):
+    from pipelines.eval import build_eval_loader
+
+    def run(workers: int, seed: int = 0, epoch: int = 1) -> list[torch.Tensor]:
+        loader = build_eval_loader(data, "train", 12, ZERO, ONE, batch_size=5, num_workers=workers,
+                                   train_aug=True, seed=seed)
+        loader.set_epoch(epoch)
+        return [x for x, _ in loader]
+
+    a, b = run(0), run(2)
+    assert len(a) == len(b) == 4 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, run(0, epoch=2), strict=True))  # new crops each epoch
+    plain = build_eval_loader(data, "train", 12, ZERO, ONE, batch_size=5, num_workers=0)
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(plain, plain, strict=True))  # centre crops, fixed

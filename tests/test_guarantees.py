@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +26,37 @@ ARGS = ["recipe=cifar32", "backbone=resnet18", "proj_hidden=64", "proj_dim=32", 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _cmd(data: Path, out: Path, name: str) -> list[str]:
+def _cmd(data: Path, out: Path, name: str, backend: str = "torchvision") -> list[str]:
     return [sys.executable, str(ROOT / "tools" / "train.py"), f"data={data}", f"out_dir={out}", f"name={name}",
-            *ARGS]
+            f"backend={backend}", *ARGS]
+
+
+def _data_for(backend: str, image_folder: Path, tmp_path: Path) -> Path:
+    """The image folder, plus for FFCV its train split as a raw .beton (the demo's layout)."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (the [dali] extra)")
+    if backend != "ffcv":
+        return image_folder
+    pytest.importorskip("ffcv", reason="FFCV is not installed (the [ffcv] extra)")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from pipelines.samples import TreeSamples
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    tree = TreeSamples(data / "train", sorted(p.name for p in (data / "train").iterdir()))
+
+    class _Split:
+        def __len__(self) -> int:
+            return len(tree)
+
+        def __getitem__(self, i: int):
+            return np.asarray(tree.image(i)), int(tree.labels[i])
+
+    DatasetWriter(str(data / "train.beton"), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
+                  num_workers=1).from_indexed_dataset(_Split())
+    return data
 
 
 def _rows(run_dir: Path) -> list[tuple[int, float]]:
@@ -33,12 +64,14 @@ def _rows(run_dir: Path) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["loss"]]
 
 
-def test_sigkill_mid_training_then_the_same_command_gives_the_same_losses(image_folder, tmp_path):
-    subprocess.run(_cmd(image_folder, tmp_path, "full"), env=ENV, check=True, capture_output=True, timeout=600)
+@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
+def test_sigkill_mid_training_then_the_same_command_gives_the_same_losses(image_folder, tmp_path, backend):
+    data = _data_for(backend, image_folder, tmp_path)
+    subprocess.run(_cmd(data, tmp_path, "full", backend), env=ENV, check=True, capture_output=True, timeout=600)
     full = dict(_rows(tmp_path / "full"))
 
     run_dir = tmp_path / "cut"
-    proc = subprocess.Popen(_cmd(image_folder, tmp_path, "cut"), env=ENV, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(data, tmp_path, "cut", backend), env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     try:
@@ -56,7 +89,7 @@ def test_sigkill_mid_training_then_the_same_command_gives_the_same_losses(image_
     killed_at = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["step"]
     assert 4 <= killed_at < 24
 
-    done = subprocess.run(_cmd(image_folder, tmp_path, "cut"), env=ENV, check=True, capture_output=True,
+    done = subprocess.run(_cmd(data, tmp_path, "cut", backend), env=ENV, check=True, capture_output=True,
                           text=True, timeout=600)
     assert "taking over the lock" in done.stderr  # the killed holder's lock is taken over, with a message
     rows = _rows(run_dir)

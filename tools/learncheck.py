@@ -86,7 +86,7 @@ VARIANTS: dict[str, Variant] = {
     # the run `make train` makes (demo: relation loss after a 4+2-epoch InfoNCE warm-up, no predictor)
     "as-configured": Variant("the config unchanged"),
 }
-__doc__ += "".join(f"\n    {n:13s} {v.what}: {' '.join(f'{k}={x}' for k, x in v.keys.items()) or '-'}"
+__doc__ += "".join(f"\n    {n:14s} {v.what}: {' '.join(f'{k}={x}' for k, x in v.keys.items()) or '-'}"
                    + (f" (budget x{v.budget})" if v.budget != 1 else "")
                    for n, v in VARIANTS.items()) + "\n"
 

@@ -4,12 +4,15 @@ Submodules import their heavy dependencies (FFCV, Pillow, scikit-learn, Numba) o
 
 * :mod:`.recordio` - the RecordIO layout once: ``MAGIC``, ``read_index`` / ``check_index`` /
   ``read_record``, ``RecordIOWriter`` / ``RecordIOReader`` (no Numba at import: loaders use it)
-* :mod:`.beton` - ``write_beton`` (FFCV's DatasetWriter; fields ``image``, ``label``), byte-identical
-  for any number of writer processes
+* :mod:`.beton` - ``write_beton`` / ``BetonWriter`` (FFCV's field encoders, FFCV's file layout,
+  streamed from the main process; fields ``image``, ``label``), byte-identical to FFCV's own
+  ``DatasetWriter`` with one worker, for any number of our processes
+* :mod:`.manifest` - ``manifest.json`` and the checks of outputs against it (loaders, ``--verify``)
 * :mod:`.sources` - ``build_source`` and the dataset readers (demo, CIFAR, STL-10, ImageNet, ...)
 * :mod:`.convert` - ``convert``: a source into ImageFolder / .rec / .beton + manifest.json
 * :mod:`.kernels` - Numba kernels and the one JIT switch ``set_jit_enabled`` of every kernel
-* :mod:`.children` - worker processes that die with their parent
+* :mod:`.children` - worker processes that die with their parent; ``ordered_map``, the pool that
+  ends with an error naming the item when a worker dies
 * :mod:`.synthetic` - the deterministic photo-like JPEGs of the benchmarks
 
 The names below are the formats' vocabulary, written once and imported by the converter, the
@@ -31,6 +34,7 @@ __all__ = [
     "children",
     "convert",
     "kernels",
+    "manifest",
     "recordio",
     "sources",
     "synthetic",

@@ -25,6 +25,7 @@ import pipelines  # noqa: E402
 
 TINY = ["--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "1",
         "--repeats", "2", "--workers", "0", "--num-images", "20", "--device", "cpu"]
+QUICK = [*TINY, "--no-stages"]  # runs that test something other than the stage profile
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +48,8 @@ def cache(tmp_path_factory) -> Path:
 def report(cache, tmp_path_factory) -> dict:
     """A full tiny run (loader, model, end to end) on the torchvision backend, read back from its JSON."""
     out = tmp_path_factory.mktemp("bench_out") / "sub" / "report.json"
-    returned = bench.main([*TINY, "--backend", "torchvision", "--bench-dir", str(cache), "--json", str(out)])
+    returned = bench.main([*TINY, "--backend", "torchvision", "--bench-dir", str(cache), "--json", str(out),
+                           "--project-cores", "16"])
     written = json.loads(out.read_text())
     assert written["results"] == json.loads(json.dumps(returned["results"]))
     return written
@@ -71,9 +73,19 @@ def test_machine_versions_and_data(report):
     assert m["versions"]["ressl_commit"] == (None if commit is None else commit + "+dirty" * m["git"]["dirty"])
     assert report["args"]["batch"] == 4 and report["args"]["size"] == 16
     assert report["config"]["backbone"] == "resnet18_cifar" and report["config"]["queue_size"] % 4 == 0
-    d = report["data"]
-    assert d["generated"] and d["num_images"] == 20 and len(d["sha256"]) == 64 and d["bytes"] > 20 * 20_000
+    d = report["data"]  # at 16 px: the small raw set, 32x32 as CIFAR is stored
+    assert d["generated"] and d["kind"] == "raw" and d["num_images"] == 20 and d["side"] == 32
+    assert len(d["sha256"]) == 64 and d["bytes"] == 20 * 32 * 32 * 3
     assert [v["size"] for v in report["recipe"]["views"]] == [16, 16]
+
+
+def test_above_64_px_the_bench_reads_imagenet_size_jpegs(cache):
+    rep = bench.main([*QUICK, "--size", "72", "--backend", "torchvision", "--modes", "loader", "--no-stages",
+                      "--bench-dir", str(cache)])
+    d = rep["data"]
+    assert d["kind"] == "jpeg" and d["num_images"] == 20 and d["bytes"] > 20 * 20_000
+    assert Path(d["root"]) == _benchdata.bench_root(20, 0, cache)
+    assert _row(rep, "torchvision", "loader")["images_per_s"] > 0 and rep["stages"] == []
 
 
 @pytest.mark.parametrize("backend, mode", [("synthetic", "model"), ("torchvision", "loader"),
@@ -108,7 +120,7 @@ def test_end_to_end_efficiency_is_the_ratio_to_model_only(report):
 @pytest.mark.parametrize("backends, modes", [("all", "loader"), ("dali,ffcv", "end_to_end")])
 def test_missing_backends_get_error_rows(cache, monkeypatch, capsys, backends, modes):
     monkeypatch.setattr(pipelines, "available_backends", lambda: {"torchvision": True, "dali": False, "ffcv": False})
-    rep = bench.main([*TINY, "--backend", backends, "--modes", modes, "--bench-dir", str(cache)])
+    rep = bench.main([*QUICK, "--backend", backends, "--modes", modes, "--bench-dir", str(cache)])
     table = capsys.readouterr().out
     for backend in ("dali", "ffcv"):
         r = _row(rep, backend, modes)
@@ -132,7 +144,7 @@ def test_failing_backend_is_reported_and_the_run_goes_on(cache, monkeypatch):
         return real(cfg, backend, **kw)
 
     monkeypatch.setattr(pipelines, "build_loader", flaky)
-    rep = bench.main([*TINY, "--backend", "torchvision", "--modes", "loader,model", "--bench-dir", str(cache)])
+    rep = bench.main([*QUICK, "--backend", "torchvision", "--modes", "loader,model", "--bench-dir", str(cache)])
     assert _row(rep, "torchvision", "loader")["error"] == "RuntimeError: decoder exploded on purpose"
     assert _row(rep, "synthetic", "model")["images_per_s"] > 0
 
@@ -147,7 +159,7 @@ def test_a_backend_changing_torch_threads_is_undone(cache, monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(tv, "build_torchvision_loader", meddling)
-    rep = bench.main([*TINY, "--backend", "torchvision", "--modes", "loader", "--bench-dir", str(cache)])
+    rep = bench.main([*QUICK, "--backend", "torchvision", "--modes", "loader", "--bench-dir", str(cache)])
     assert _row(rep, "torchvision", "loader")["images_per_s"] > 0
     assert torch.get_num_threads() == 1 == rep["args"]["threads"]
 
@@ -157,7 +169,7 @@ def test_unavailable_model_step_is_an_error_row(cache, monkeypatch):
         raise ImportError("no ressl.method here")
 
     monkeypatch.setattr(_measure.ModelStep, "__init__", broken)
-    rep = bench.main([*TINY, "--backend", "torchvision", "--bench-dir", str(cache)])
+    rep = bench.main([*QUICK, "--backend", "torchvision", "--bench-dir", str(cache)])
     for backend, mode in (("synthetic", "model"), ("torchvision", "end_to_end")):
         r = _row(rep, backend, mode)
         assert r["images_per_s"] is None and "no ressl.method here" in r["error"]
@@ -165,7 +177,7 @@ def test_unavailable_model_step_is_an_error_row(cache, monkeypatch):
 
 
 def test_sweep_rows_cover_workers_and_batches(cache, capsys):
-    rep = bench.main([*TINY, "--backend", "torchvision", "--modes", "loader", "--sweep", "--sweep-workers", "0",
+    rep = bench.main([*QUICK, "--backend", "torchvision", "--modes", "loader", "--sweep", "--sweep-workers", "0",
                       "--sweep-batch", "2,4", "--bench-dir", str(cache)])
     sweep = [r for r in rep["results"] if r.get("sweep")]
     assert sorted((r["mode"], r["batch"], r["num_workers"]) for r in sweep) == [("loader", 2, 0), ("loader", 4, 0)]
@@ -174,7 +186,7 @@ def test_sweep_rows_cover_workers_and_batches(cache, capsys):
 
 
 def test_profile_writes_a_chrome_trace(cache, tmp_path):
-    rep = bench.main([*TINY, "--modes", "model", "--backend", "torchvision", "--profile", str(tmp_path / "trace"),
+    rep = bench.main([*QUICK, "--modes", "model", "--backend", "torchvision", "--profile", str(tmp_path / "trace"),
                       "--bench-dir", str(cache)])
     trace = Path(_row(rep, "synthetic", "model")["trace"])
     assert trace.parent == tmp_path / "trace"
@@ -193,10 +205,11 @@ def test_profile_writes_a_chrome_trace(cache, tmp_path):
     (["--data", "/definitely/not/here"], "--data '/definitely/not/here' is not a directory"),
     (["--sweep-batch", "4,x"], "--sweep-batch expects a comma list of integers"),
     (["--device", "tpu"], "--device"),
+    (["--project-cores", "0"], "--project-cores must be > 0"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
-        bench.main([*TINY, "--bench-dir", str(tmp_path / "cache"), *argv])
+        bench.main([*QUICK, "--bench-dir", str(tmp_path / "cache"), *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "cache").exists(), "nothing may be generated for a bad command line"
@@ -206,7 +219,7 @@ def test_cuda_device_without_cuda_is_refused(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
     with pytest.raises(SystemExit):
-        bench.main([*TINY, "--device", "cuda", "--bench-dir", str(tmp_path)])
+        bench.main([*QUICK, "--device", "cuda", "--bench-dir", str(tmp_path)])
     assert "no CUDA device" in capsys.readouterr().err
 
 
@@ -267,10 +280,23 @@ def test_recordio_holds_the_same_jpeg_bytes(tmp_path):
 
 @pytest.mark.parametrize("backend", [b for b in ("dali", "ffcv") if pipelines.available_backends()[b]])
 def test_installed_fast_backends_measure(cache, backend):
-    rep = bench.main([*TINY, "--backend", backend, "--modes", "loader", "--workers", "2", "--bench-dir", str(cache)])
+    rep = bench.main([*TINY, "--backend", backend, "--modes", "loader", "--workers", "2", "--bench-dir", str(cache),
+                      "--project-cores", "16"])
     r = _row(rep, backend, "loader")
     assert "error" not in r, r.get("error")
     assert r["images_per_s"] > 0 and r["pairs_per_s"] == pytest.approx(r["images_per_s"])
+    stages = {s["stage"]: s for s in rep["stages"]}
+    assert set(stages) == {"read", "decode", "crop", "augment", "h2d"}, rep["stages"]
+    assert all(s["core_s_per_1k_pairs"] >= 0 for s in stages.values())
+    assert stages["read"]["side"] == "host" and stages["read"]["pairs_per_s"] > 0
+    assert stages["augment"]["side"] == "device" and stages["augment"]["pairs_per_s"] > 0
+    projection = rep["bottlenecks"][0]["projection"]
+    if backend == "ffcv":  # the small raw set: the resident path, whose CPU side is the index and draws
+        assert stages["decode"]["pairs_per_s"] is None and "nothing to decode" in stages["decode"]["note"]
+        assert stages["crop"]["side"] == "device" and projection["cpu_stages"] == ["read"]
+    else:  # DALI: one pipeline, every op of it on the device of a GPU machine
+        assert "one DALI pipeline" in stages["decode"]["fused"] and projection["cpu_stages"] == ["read"]
+    assert projection["pairs_per_s"] == pytest.approx(16_000 / stages["read"]["core_s_per_1k_pairs"])
     # FFCV sets torch's threads at import (1), in Loader() and in every iter() (num_workers = 2)
     assert torch.get_num_threads() == 1 == rep["args"]["threads"]
 
@@ -279,7 +305,7 @@ def test_installed_fast_backends_measure(cache, backend):
 def test_cuda_rows_report_device_memory(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: peak device memory and synchronised timing are CUDA-only")
-    rep = bench.main([*TINY, "--device", "cuda", "--backend", "torchvision", "--precision", "bf16",
+    rep = bench.main([*QUICK, "--device", "cuda", "--backend", "torchvision", "--precision", "bf16",
                       "--channels-last", "--bench-dir", str(tmp_path)])
     for mode in ("model", "end_to_end"):
         r = next(r for r in rep["results"] if r["mode"] == mode)
@@ -295,14 +321,14 @@ def test_data_directory_without_data_fails_before_any_work(tmp_path, capsys, lay
     elif layout == "beton for another split":
         (data / "val.beton").write_bytes(b"x")
     with pytest.raises(SystemExit) as exc:
-        bench.main([*TINY, "--data", str(data), "--bench-dir", str(tmp_path / "cache")])
+        bench.main([*QUICK, "--data", str(data), "--bench-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "Traceback" not in err
     assert f"--data '{data}' holds nothing the requested backends read for split 'train'" in err
     assert "train/ (ImageFolder with images) (torchvision)" in err and "make dataset" in err
     assert not (tmp_path / "cache").exists()
     # only the model step reads no data: that run is allowed
-    rep = bench.main([*TINY, "--data", str(data), "--modes", "model", "--bench-dir", str(tmp_path / "cache")])
+    rep = bench.main([*QUICK, "--data", str(data), "--modes", "model", "--bench-dir", str(tmp_path / "cache")])
     assert _row(rep, "synthetic", "model")["images_per_s"] > 0
 
 
@@ -313,7 +339,7 @@ def test_every_loader_row_failing_for_want_of_data_exits_2_after_the_report(tmp_
     monkeypatch.setattr(pipelines, "build_loader", no_data)
     out = tmp_path / "report.json"
     with pytest.raises(SystemExit) as exc:
-        bench.main([*TINY, "--backend", "torchvision", "--modes", "loader", "--bench-dir", str(cache),
+        bench.main([*QUICK, "--backend", "torchvision", "--modes", "loader", "--bench-dir", str(cache),
                     "--json", str(out)])
     captured = capsys.readouterr()
     assert exc.value.code == 2

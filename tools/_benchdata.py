@@ -1,10 +1,15 @@
-"""The benchmark's own dataset: deterministic ImageNet-size JPEGs, generated once and cached.
+"""The benchmark's own datasets: deterministic images, generated once and cached.
 
 Every benchmark run that names no ``--data`` reads the very same bytes, so figures from different
-machines and commits compare loaders and not datasets. The images are multi-octave smooth random
-fields plus per-pixel noise, JPEG-encoded by Pillow at quality 90: about 75 KB each at ~500x375,
-close enough to ImageNet photos (~110 KB) that decode cost is realistic, and not trivially
-compressible (a flat image would decode several times faster than a photo).
+machines and commits compare loaders and not datasets. Two kinds, as users store them:
+
+* ImageNet-size JPEGs (:func:`ensure_images`, sizes above 64 px): multi-octave smooth random fields
+  plus per-pixel noise, JPEG-encoded by Pillow at quality 90: about 75 KB each at ~500x375, close
+  enough to ImageNet photos (~110 KB) that decode cost is realistic, and not trivially compressible
+  (a flat image would decode several times faster than a photo).
+* small raw images (:func:`ensure_small`, 64 px and below): the same kind of fields at 32x32 (or the
+  asked side up to 64), written by ``make dataset``'s converter exactly as it writes CIFAR: a PNG
+  ImageFolder tree, a ``.rec`` of PNGs and a raw-pixel ``.beton`` (so FFCV takes its resident path).
 
 Layout under ``root`` (``data/bench/n{N}-s{seed}`` by default)::
 
@@ -13,6 +18,10 @@ Layout under ``root`` (``data/bench/n{N}-s{seed}`` by default)::
     train.rec, train.idx        RecordIO (written on demand, DALI's mxnet reader)
     manifest.json               parameters + SHA-256 of every JPEG, written last: its presence marks
                                 the tree complete
+
+and for small images under ``data/bench/raw{side}-n{N}-s{seed}``: ``train/`` (PNG), ``train.rec`` +
+``.idx``, ``train.beton`` (raw) and the converter's ``manifest.json`` (the generator's parameters and the
+pixels' SHA-256 under ``source``).
 """
 
 from __future__ import annotations
@@ -30,8 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.formats import FORMATS
-from pipelines.formats.synthetic import GENERATOR_VERSION, QUALITY, make_jpeg  # the one generator
+from pipelines.formats import FORMATS, RAW_MAX_SIDE
+from pipelines.formats.synthetic import GENERATOR_VERSION, QUALITY, class_dir_name, make_jpeg  # the one generator
 from ressl.io import atomic_write_json, remove_stale_temps, replace_dir
 
 __all__ = [
@@ -42,12 +51,16 @@ __all__ = [
     "make_jpeg",
     "ensure_images",
     "ensure_format",
+    "ensure_small",
+    "small_images",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("data/bench")
 NUM_CLASSES = 10
+SMALL_SIDE = 32  # CIFAR's side: the stored side of small sets for any --size up to it
+SMALL_GENERATOR_VERSION = 1  # bump when small_images changes
 
 
 def bench_root(num_images: int, seed: int, base: str | os.PathLike = DEFAULT_ROOT) -> Path:
@@ -190,3 +203,65 @@ def ensure_format(root: str | os.PathLike, fmt: str, workers: int = 1) -> Path:
         log.info("writing %s (%d samples) with %d process(es)", out, len(files), workers)
         write_beton(out, _DecodedFiles(files), mode="jpg", quality=QUALITY, num_workers=max(1, workers))
     return out
+
+
+def _upsample_matrix(side: int, cells: int) -> np.ndarray:
+    """``[side, cells]`` weights of bilinear upsampling (pixel centres aligned, edges clamped)."""
+    pos = np.clip((np.arange(side) + 0.5) * cells / side - 0.5, 0, cells - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, cells - 1)
+    m = np.zeros((side, cells), np.float64)
+    np.add.at(m, (np.arange(side), lo), 1.0 - (pos - lo))
+    np.add.at(m, (np.arange(side), hi), pos - lo)
+    return m
+
+
+def small_images(num_images: int, side: int = SMALL_SIDE, seed: int = 0) -> np.ndarray:
+    """``[N, side, side, 3]`` uint8: smooth random colour fields (2, 4 and 8 cells across) plus per-pixel
+    noise (sigma 12), like :func:`make_jpeg`'s photos at CIFAR's scale; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, side, num_images, SMALL_GENERATOR_VERSION])
+    field = np.zeros((num_images, side, side, 3), np.float64)
+    for octave, cells in enumerate((2, 4, 8)):
+        m = _upsample_matrix(side, cells)
+        grid = rng.standard_normal((num_images, cells, cells, 3))
+        field += np.einsum("hy,nyxc,wx->nhwc", m, grid, m) * (64.0 / (octave + 1.5))
+    field += rng.standard_normal(field.shape) * 12.0
+    return np.clip(np.round(field + 128.0), 0, 255).astype(np.uint8)
+
+
+def ensure_small(num_images: int = 2048, seed: int = 0, side: int = SMALL_SIDE,
+                 base: str | os.PathLike = DEFAULT_ROOT, workers: int = 1) -> Path:
+    """Write the small raw set once, with ``make dataset``'s converter as it writes CIFAR; later calls find
+    every output finished (sizes and SHA-256 checked by the converter) and write nothing.
+
+    Args:
+        num_images: how many images (label ``i % 10``).
+        seed: generator seed.
+        side: stored side in px, at most 64 (raw .beton, FFCV's resident path).
+        base: parent of the cache directories.
+        workers: converter processes.
+
+    Returns:
+        The dataset root (``train/``, ``train.rec`` + ``.idx``, ``train.beton`` when FFCV is installed).
+    """
+    import importlib.util
+
+    from pipelines.formats.convert import ConvertOptions, convert
+    from pipelines.formats.sources import ArraySplit, Source
+
+    if num_images < NUM_CLASSES:
+        raise ValueError(f"num_images must be >= {NUM_CLASSES} (one per class), got {num_images}")
+    if not 0 < side <= RAW_MAX_SIDE:
+        raise ValueError(f"side must be in 1..{RAW_MAX_SIDE} (raw .beton), got {side}")
+    images = small_images(num_images, side, seed)
+    labels = np.arange(num_images, dtype=np.int64) % NUM_CLASSES
+    name = f"raw{side}-n{num_images}-s{seed}"
+    info = {"generator": "tools/_benchdata.py small_images", "generator_version": SMALL_GENERATOR_VERSION,
+            "num_images": num_images, "seed": seed, "side": side, "num_classes": NUM_CLASSES,
+            "sha256": hashlib.sha256(images.tobytes()).hexdigest(), "bytes": images.nbytes}
+    source = Source(name=name, classes=[class_dir_name(c) for c in range(NUM_CLASSES)],
+                    loaders={"train": lambda: ArraySplit(images, labels)}, info=info, max_side_hint=side,
+                    stamp_paths=[])
+    formats = ("folder", "rec", *(("beton",) if importlib.util.find_spec("ffcv") is not None else ()))
+    convert(source, base, ConvertOptions(formats=formats, beton_mode="raw", workers=max(1, workers), progress=False))
+    return Path(base) / name

@@ -1,35 +1,29 @@
-"""The measurements behind tools/bench.py: machine facts, timed windows, rows and the report.
+"""The measurements behind tools/bench.py: rows, the stage profile and the report.
 
 ``tools/bench.py`` is the command line over :func:`run`; ``tools/gpucheck.py`` reads its JSON. What is
-timed (loader-only, model-only, end to end), the units and the JSON contract are described in
-``tools/bench.py``'s docstring. The model step is :class:`ressl.step.TrainStep`, the step that
-``tools/train.py`` takes, built by the same ``build_model`` / ``build_optimizer``.
+timed (loader-only, model-only, end to end, the stages), the units and the JSON contract are described
+in ``tools/bench.py``'s docstring. The model step is :class:`ressl.step.TrainStep`, the step that
+``tools/train.py`` takes, built by the same ``build_model`` / ``build_optimizer``. Machine facts live in
+``_machine.py``, timed windows in ``_timing.py``, text and JSON output in ``_report.py``, the stage
+timers in :mod:`pipelines.profile`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
-import importlib.metadata as md
 import json
 import logging
 import math
-import os
-import platform
 import resource
-import statistics
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -39,12 +33,16 @@ for _p in (str(_TOOLS.parent), str(_TOOLS)):  # run from a checkout without inst
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _benchdata import ensure_format, ensure_images  # noqa: E402
+from _benchdata import SMALL_SIDE, ensure_format, ensure_images, ensure_small  # noqa: E402
+from _machine import cores, machine_info  # noqa: E402
+from _report import format_table, write_report  # noqa: E402
+from _timing import Timing, measure, summarize, trace  # noqa: E402
 
 import pipelines  # noqa: E402
+from pipelines.formats import RAW_MAX_SIDE  # noqa: E402
+from pipelines.profile import bottleneck, profile_backend, project  # noqa: E402
 from pipelines.spec import RecipeSpec, get_recipe  # noqa: E402
 from ressl.config import Config, ConfigError  # noqa: E402
-from ressl.io import atomic_write_bytes  # noqa: E402
 from ressl.step import TrainStep, build_model, build_optimizer  # noqa: E402
 
 __all__ = [
@@ -67,7 +65,7 @@ log = logging.getLogger("bench")
 
 MODES = ("loader", "model", "end_to_end")
 SYNTHETIC = "synthetic"  # backend name of model-only rows
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: stages, bottlenecks, projection; small raw bench set at <= 64 px
 # Figures a measured row may carry (error rows carry none of them; images_per_s is null there).
 ROW_FIGURES = ("images_per_s", "images_per_s_std", "images_per_s_min", "images_per_s_max", "images_per_s_runs",
                "pairs_per_s", "views_per_s", "step_ms", "cpu_cores_busy", "cpu_util", "peak_mem_bytes",
@@ -80,219 +78,6 @@ _SMALL_DATA = {"proj_hidden": 2048, "proj_dim": 128, "queue_size": 4096, "moment
 
 class BenchError(ValueError):
     """A command-line value that cannot work; the message names the option and what was expected."""
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# machine, versions, git
-# ---------------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-
-
-def _dali_version() -> str | None:
-    """DALI's distribution name carries the CUDA flavour (nvidia-dali-cuda130, ...)."""
-    for dist in md.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name.startswith("nvidia-dali"):
-            return f"{name}=={dist.version}"
-    return None
-
-
-def _git(*cmd: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *cmd], cwd=_TOOLS.parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def machine_info(device: torch.device | None = None) -> dict[str, Any]:
-    """Machine, device, library versions and git commit: what a figure needs to be compared."""
-    gpu = None
-    if torch.cuda.is_available():
-        index = device.index if device is not None and device.type == "cuda" and device.index is not None else 0
-        props = torch.cuda.get_device_properties(index)
-        gpu = {"name": props.name, "count": torch.cuda.device_count(), "memory_bytes": props.total_memory,
-               "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
-               "cudnn": torch.backends.cudnn.version()}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    commit = _git("rev-parse", "HEAD")
-    return {
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "cores_available": cores(),
-        "memory_bytes": psutil.virtual_memory().total,
-        "gpu": gpu,
-        "platform": platform.platform(),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torchvision": _version("torchvision"),
-            "numpy": _version("numpy"),
-            "pillow": _version("pillow"),
-            "accelerate": _version("accelerate"),
-            "numba": _version("numba"),
-            "dali": _dali_version(),
-            "ffcv": _version("ffcv"),
-            "ressl": _version("ressl"),
-            "ressl_commit": None if commit is None else commit + ("+dirty" if status else ""),
-        },
-        "git": {"commit": commit, "dirty": None if status is None else bool(status),
-                "branch": _git("rev-parse", "--abbrev-ref", "HEAD")},
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    """Wait for queued device work so a timer brackets the work itself (a host-device sync on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _cpu_seconds() -> float:
-    """CPU seconds used so far by this process and its live children (torchvision loader workers)."""
-    proc = psutil.Process()
-    t = proc.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            ct = child.cpu_times()
-            total += ct.user + ct.system
-    return total
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample standard deviation (0 for one value), min and max."""
-    if not values:
-        raise ValueError("summarize needs at least one value")
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
-class _PcieSampler:
-    """Mean host-to-device PCIe bytes/s from NVML while the ``with`` block runs (CUDA + pynvml only).
-
-    NVML's RX counter is what the GPU receives; it is sampled every 50 ms in a thread.
-    """
-
-    def __init__(self, device: torch.device):
-        self.value: float | None = None
-        self._samples: list[float] = []
-        self._stop = threading.Event()
-        self._handle = None
-        if device.type != "cuda":
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception as e:  # pynvml missing or NVML unusable: the figure is left out
-            log.debug("no NVML PCIe counters (%s); h2d_bytes_per_s left out", e)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            kb = self._nvml.nvmlDeviceGetPcieThroughput(self._handle, self._nvml.NVML_PCIE_UTIL_RX_BYTES)
-            self._samples.append(kb * 1024.0)
-
-    def __enter__(self) -> _PcieSampler:
-        if self._handle is not None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._stop.set()
-            self._thread.join()
-            self.value = statistics.fmean(self._samples) if self._samples else None
-
-
-@dataclass
-class _Timing:
-    seconds: list[float]  # per window
-    samples: list[int]  # per window
-    steps: int
-    cpu_seconds: float
-    wall_seconds: float
-    wait_seconds: float
-    h2d_bytes_per_s: float | None
-
-
-def _measure(step: Callable[[], int], *, warmup: int, steps: int, repeats: int, device: torch.device,
-             waited: Callable[[], float] = lambda: 0.0) -> _Timing:
-    """Run ``step`` (which returns the samples it processed) ``warmup`` times, then time ``repeats``
-    windows of ``steps`` calls, synchronising the device at both ends of each window."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    seconds, samples = [], []
-    wait0, cpu0, wall0 = waited(), _cpu_seconds(), time.perf_counter()
-    with _PcieSampler(device) as pcie:
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            n = sum(step() for _ in range(steps))
-            _sync(device)
-            seconds.append(time.perf_counter() - t0)
-            samples.append(n)
-    return _Timing(seconds, samples, steps, _cpu_seconds() - cpu0, time.perf_counter() - wall0, waited() - wait0,
-                   pcie.value)
-
-
-def _profile(step: Callable[[], int], *, steps: int, device: torch.device, path: Path) -> None:
-    """One warm step then ``steps`` profiled ones; chrome trace to ``path``, op table to ``path``.txt."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-
-    def save(prof: torch.profiler.profile) -> None:  # called once the active steps are recorded
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            prof.export_chrome_trace(str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        table = prof.key_averages().table(sort_by=sort, row_limit=40)
-        atomic_write_bytes(path.with_name(path.name + ".txt"), table.encode())
-
-    schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1)
-    with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=save) as prof:
-        for _ in range(steps + 1):
-            step()
-            _sync(device)  # the last active step's kernels belong inside the trace
-            prof.step()
-    if not path.is_file():
-        raise RuntimeError(f"the profiler recorded no trace for {path.name}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,7 +207,7 @@ def _row_base(args: argparse.Namespace, backend: str, mode: str, batch: int, wor
             "device": args.device, "num_workers": workers}
 
 
-def _figures(t: _Timing, n_strong: int, device: torch.device) -> dict[str, Any]:
+def _figures(t: Timing, n_strong: int, device: torch.device) -> dict[str, Any]:
     rates = [n / s for n, s in zip(t.samples, t.seconds, strict=True)]
     st = summarize(rates)
     out: dict[str, Any] = {
@@ -508,12 +293,12 @@ class _Bench:
         try:
             runner = _SyntheticRunner(train, self.spec, batch, self.device, self.args.channels_last)
             self._reset_peak()
-            t = _measure(runner.step, warmup=self.args.warmup, steps=self.args.steps, repeats=self.args.repeats,
+            t = measure(runner.step, warmup=self.args.warmup, steps=self.args.steps, repeats=self.args.repeats,
                          device=self.device)
             row = {**base, **_figures(t, self.n_strong, self.device)}
             if self.args.profile:
                 path = self._trace_path("model", SYNTHETIC, batch, None)
-                _profile(runner.step, steps=min(self.args.steps, 5), device=self.device, path=path)
+                trace(runner.step, steps=min(self.args.steps, 5), device=self.device, path=path)
                 row["trace"] = str(path)
             return row
         except Exception as e:  # e.g. torch.compile without a C++ compiler, out of memory: report, go on
@@ -548,14 +333,14 @@ class _Bench:
             _check_batch(first, self.spec, batch, backend)
             del first
             self._reset_peak()
-            t = _measure(runner.step, warmup=self.args.warmup, steps=self.args.steps, repeats=self.args.repeats,
+            t = measure(runner.step, warmup=self.args.warmup, steps=self.args.steps, repeats=self.args.repeats,
                          device=self.device, waited=lambda: runner.wait_s)
             row = {**base, **_figures(t, self.n_strong, self.device)}
             if mode == "end_to_end":
                 row["data_wait_frac"] = t.wait_seconds / t.wall_seconds
             if self.args.profile:
                 path = self._trace_path(mode, backend, batch, workers)
-                _profile(runner.step, steps=min(self.args.steps, 5), device=self.device, path=path)
+                trace(runner.step, steps=min(self.args.steps, 5), device=self.device, path=path)
                 row["trace"] = str(path)
             return row
         except Exception as e:  # any backend failure is reported in its row; the other rows still run
@@ -568,11 +353,66 @@ class _Bench:
             _join_producers(threads_before)
 
 
+    def stage_rows(self, backend: str, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The stage profile of ``backend`` (:mod:`pipelines.profile`) plus the measured model step, and its
+        bottleneck line (with the ``--project-cores`` projection); a failure becomes one error row."""
+        args, n_strong = self.args, self.n_strong
+        base = {"backend": backend, "size": args.size, "batch": args.batch}
+        why = self._unavailable(backend)
+        if why is None:
+            threads_before = set(threading.enumerate())
+            try:
+                costs = profile_backend(backend, _config(args, self.data, args.batch, args.workers), self.spec,
+                                        split=args.split, device=self.device, warmup=max(1, args.warmup),
+                                        steps=args.steps, repeats=args.repeats)
+            except Exception as e:  # a backend's profile failing is reported in its rows; the others still run
+                log.warning("%s stage profile failed: %s", backend, e, exc_info=args.verbose)
+                why = f"stage profile failed: {_short(e)}"
+            finally:
+                gc.collect()
+                _join_producers(threads_before)
+        if why is not None:
+            return [{**base, "stage": None, "error": why}], {**base, "limit": None, "line": why}
+        stages = [{**base, **c.row()} for c in costs]
+        model = next((r for r in rows if r["mode"] == "model" and r["batch"] == args.batch
+                      and r["images_per_s"] is not None), None)
+        if model is not None:
+            stages.append({**base, "stage": "model", "side": "device", "pairs_per_s": model["pairs_per_s"],
+                           "pairs_per_s_std": model["images_per_s_std"] * n_strong,
+                           "core_s_per_1k_pairs": 1000.0 * model["cpu_cores_busy"] / model["pairs_per_s"],
+                           "threads": args.threads, "fused": "",
+                           "note": f"TrainStep {args.model} on {self.device.type} (the model row)"})
+        verdict = {**base, **bottleneck(stages, cores(), self.device.type)}
+        loader = next((r for r in rows if r["backend"] == backend and r["mode"] == "loader"
+                       and r["images_per_s"] is not None), None)
+        if loader is not None:
+            verdict["loader_measured"] = {"pairs_per_s": loader["pairs_per_s"], "core_s_per_1k_pairs":
+                                          1000.0 * loader["cpu_cores_busy"] / loader["pairs_per_s"]}
+        if args.project_cores:
+            verdict["projection"] = project(stages, args.project_cores)
+        return stages, verdict
+
+
 def _prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, str]]:
-    """Data root, its description for the JSON, and per-backend reasons it cannot be read."""
+    """Data root, its description for the JSON, and per-backend reasons it cannot be read.
+
+    Without ``--data``: at ``--size`` <= 64 a small raw set stored as ``make dataset`` stores CIFAR (what a
+    32-px user has), else ImageNet-size JPEGs.
+    """
     errors: dict[str, str] = {}
     if args.data is not None:
         return args.data, {"root": args.data, "generated": False}, errors
+    if args.size <= RAW_MAX_SIDE:
+        side = max(SMALL_SIDE, args.size)
+        try:
+            root = ensure_small(args.num_images, args.seed, side, args.bench_dir, workers=args.workers or 1)
+        except Exception as e:  # the converter failing costs every backend its rows, not the run
+            log.warning("cannot write the small bench set: %s", e)
+            why = f"cannot write the small bench set: {_short(e)}"
+            return str(Path(args.bench_dir) / f"raw{side}"), {"root": None, "generated": True, "error": why}, \
+                dict.fromkeys(pipelines.BACKENDS, why)
+        source = json.loads((root / "manifest.json").read_text())["source"]
+        return str(root), {"root": str(root), "generated": True, "kind": "raw", **source}, errors
     root = ensure_images(args.num_images, args.seed, args.bench_dir)
     have = pipelines.available_backends()
     need = {"ffcv": "beton", "dali": "rec"}
@@ -586,7 +426,7 @@ def _prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[s
             log.warning("cannot write the bench set as .%s: %s", fmt, e)
             errors[backend] = f"cannot write train.{fmt}: {_short(e)}"
     manifest = json.loads((root / "manifest.json").read_text())
-    return str(root), {"root": str(root), "generated": True, **manifest}, errors
+    return str(root), {"root": str(root), "generated": True, "kind": "jpeg", **manifest}, errors
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -626,6 +466,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             if mode in modes:
                 log.info("%s: %s batch %d, %d workers", mode, backend, args.batch, args.workers)
                 rows.append(bench.loader_row(backend, mode, args.batch, args.workers))
+    stages: list[dict[str, Any]] = []
+    verdicts: list[dict[str, Any]] = []
+    if args.stages and set(modes) - {"model"}:
+        for backend in args.backends:
+            log.info("stage profile: %s batch %d", backend, args.batch)
+            got, verdict = bench.stage_rows(backend, rows)
+            stages += got
+            verdicts.append(verdict)
     if args.sweep:
         for batch in args.sweep_batch_list:
             if "model" in modes or "end_to_end" in modes:
@@ -640,63 +488,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             ceiling = model_rate.get(r["batch"])
             r["loader_efficiency"] = r["images_per_s"] / ceiling if ceiling else None
     report["results"] = rows
+    report["stages"], report["bottlenecks"] = stages, verdicts
     return report
 
 
-# ---------------------------------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------------------------------
-def _fmt_rate(r: dict[str, Any], key: str = "images_per_s") -> str:
-    v = r.get(key)
-    if v is None:
-        return "-"
-    if key == "images_per_s":
-        return f"{v:,.1f} ± {r['images_per_s_std']:,.1f}"
-    return f"{v:,.1f}"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The report as fixed-width text: a machine line, the main table, then the sweep (if any)."""
-    m = report["machine"]
-    gpu = m["gpu"]["name"] if m.get("gpu") else "no GPU"
-    commit = (m["git"]["commit"] or "?")[:10] + (" (dirty)" if m["git"]["dirty"] else "")
-    lines = [f"{m['cpu']} ({m['cores_available']}/{m['cores']} cores), {gpu}; torch {m['versions']['torch']}, "
-             f"commit {commit}; {report['date']}"]
-    header = ("backend", "mode", "model", "batch", "size", "wk", "images/s", "pairs/s", "eff.", "cores", "note")
-    table = []
-    for r in report["results"]:
-        if r.get("sweep"):
-            continue
-        eff = r.get("loader_efficiency")
-        note = r.get("error", "")
-        if not note and r.get("data_wait_frac") is not None:
-            note = f"data wait {100 * r['data_wait_frac']:.0f}%"
-        table.append((r["backend"], r["mode"], r["model"], str(r["batch"]), str(r.get("size", "")),
-                      "" if r.get("num_workers") is None else str(r["num_workers"]), _fmt_rate(r),
-                      _fmt_rate(r, "pairs_per_s"), "" if eff is None else f"{100 * eff:.0f}%",
-                      "" if r.get("cpu_cores_busy") is None else f"{r['cpu_cores_busy']:.1f}", note))
-    lines += _columns(header, table)
-    sweep = [r for r in report["results"] if r.get("sweep")]
-    if sweep:
-        lines += ["", "sweep (images/s):"]
-        lines += _columns(("backend", "mode", "batch", "workers", "images/s", "note"),
-                          [(r["backend"], r["mode"], str(r["batch"]),
-                            "" if r.get("num_workers") is None else str(r["num_workers"]), _fmt_rate(r),
-                            r.get("error", "")) for r in sweep])
-    return "\n".join(lines)
-
-
-def _columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip(),
-            *(fmt.format(*r).rstrip() for r in rows)]
-
-
-
-def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``report`` as indented JSON, atomically (temp file, fsync, rename); returns the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, (json.dumps(report, indent=2, default=str) + "\n").encode())
-    return out

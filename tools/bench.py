@@ -8,6 +8,7 @@ The command line over ``tools/_measure.py``, which holds the timing, the rows an
         --json runs/bench/h100-rn50.json         # the GPU headline run
     python tools/bench.py --sweep                # loader workers/threads x batch size: how throughput scales
     python tools/bench.py --profile runs/bench/trace   # torch profiler traces (chrome://tracing, Perfetto)
+    python tools/bench.py --modes loader,model --project-cores 16   # stages + a 16-core GPU-machine projection
 
 What each mode times, after ``--warmup`` untimed steps, in ``--repeats`` windows of ``--steps`` steps
 each, with the device synchronised at both ends of every window (mean +- standard deviation over windows):
@@ -22,8 +23,17 @@ Units. ``images_per_s`` counts dataset samples (one sample = one weak + n strong
 "images/s" goal); ``pairs_per_s`` counts weak+strong pairs (samples x n strong views); ``views_per_s``
 counts every augmented view a loader produced.
 
-Without ``--data`` the benchmark reads a deterministic set of ImageNet-size JPEGs generated once under
-``data/bench/`` (see ``_benchdata.py``) with its .beton and .rec, so every run reads the same bytes.
+Stages (unless ``--no-stages``; :mod:`pipelines.profile`): per backend, each stage of the loader run
+apart with the backend's own pieces, one batch per call -- read, decode, crop, augment, h2d -- plus the
+model step (the model row), each with its pairs/s as run and its CPU core-seconds per 1,000 pairs (CPU
+time of every thread and process while it ran); then one bottleneck line per backend (CPU-, IO- or
+device-bound, naming the stage) and, with ``--project-cores N``, a projection of the CPU-side stages to
+a GPU machine with N cores (labelled as such: per-core costs measured here, scaled linearly).
+
+Without ``--data`` the benchmark reads a deterministic generated set, made once under ``data/bench/``
+(see ``_benchdata.py``), so every run reads the same bytes: above 64 px, ImageNet-size JPEGs with their
+.beton and .rec; at ``--size`` <= 64, small raw images (32x32, or the size up to 64) stored as
+``make dataset`` stores CIFAR (PNG tree, .rec, raw .beton: FFCV takes its resident path).
 
 JSON (``--json OUT``): ``{"schema", "date", "machine", "args", "config", "recipe", "data", "results"}``.
 ``machine`` holds cpu, cores, gpu, versions (with the git commit) and git; ``results`` is a list of
@@ -35,7 +45,15 @@ rows, each with ``backend`` (torchvision / dali / ffcv / synthetic), ``mode``, `
 ``h2d_bytes_per_s`` (CUDA with pynvml: host-to-device PCIe traffic), ``data_wait_frac`` (end to end:
 share of wall time spent waiting in ``next(batch)``) and ``loader_efficiency`` (end to end). A backend
 that is not installed or fails gets rows with ``error`` (why) and ``images_per_s: null``, no figures.
-Sweep rows carry ``"sweep": true``.
+Sweep rows carry ``"sweep": true``. ``stages`` is a list of rows ``{backend, size, batch, stage (read /
+decode / crop / augment / h2d / model), side ("host": on the CPU on any machine; "device": where the
+batches go), pairs_per_s, pairs_per_s_std, core_s_per_1k_pairs, threads, fused (how the loader fuses it
+with other stages, or ""), note}``; a stage with nothing to do has ``pairs_per_s: null`` and 0 core-s
+(the note says why: no copy on a CPU device, raw pixels need no decode), a backend whose profile failed
+one row ``{backend, size, batch, stage: null, error}``. ``bottlenecks`` holds one entry per backend:
+``{backend, size, batch, limit ("CPU" / "IO" / "device"), stage, pairs_per_s (that ceiling),
+loader_cpu_pairs_per_s, line, loader_measured: {pairs_per_s, core_s_per_1k_pairs}, projection: {cores,
+cpu_stages, core_s_per_1k_pairs, pairs_per_s, line}}`` (``projection`` with ``--project-cores`` only).
 """
 
 from __future__ import annotations
@@ -113,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: torch's own choice)")
     p.add_argument("--json", help="write the report here (atomically)")
     p.add_argument("--profile", metavar="DIR", help="also write a torch profiler trace per measured row into DIR")
+    p.add_argument("--no-stages", dest="stages", action="store_false",
+                   help="skip the per-stage profile (read/decode/crop/augment/h2d per backend)")
+    p.add_argument("--project-cores", type=int, metavar="N",
+                   help="add a projection of the CPU-side stages to a GPU machine with N cores (e.g. 16)")
     p.add_argument("--sweep", action="store_true", help="also measure loader-only and model-only rows over "
                                                         "--sweep-workers x --sweep-batch")
     p.add_argument("--sweep-workers", help="comma list (default: 1, 2, 4, ... up to the cores)")
@@ -200,6 +222,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise BenchError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.threads is not None and args.threads <= 0:
         raise BenchError(f"--threads must be > 0, got {args.threads}")
+    if args.project_cores is not None and args.project_cores <= 0:
+        raise BenchError(f"--project-cores must be > 0, got {args.project_cores}")
     for name in ("warmup", "workers"):
         if getattr(args, name) < 0:
             raise BenchError(f"--{name} must be >= 0, got {getattr(args, name)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ressl.monitor import LOSS_TOLERANCE, SPREAD_FRACTION, CollapseMonitor
+from ressl.monitor import COLLAPSED_FRACTION, LOSS_TOLERANCE, SPREAD_FRACTION, CollapseMonitor
 
 K, D = 128, 128
 LOG_K, SPREAD = math.log(K), 1 / math.sqrt(D)
@@ -27,7 +27,7 @@ def feed(m: CollapseMonitor, rows) -> list[tuple[int, str]]:
 
 def test_plateau_is_reported_once_after_a_stretch_and_names_cause_and_remedy():
     m = monitor()  # stretch: 10% of 1000 steps
-    stuck = [(s, LOG_K * 0.998, 0.15 * SPREAD) for s in range(10, 600, 10)]
+    stuck = [(s, LOG_K * 0.998, 0.9 * SPREAD_FRACTION * SPREAD) for s in range(10, 600, 10)]
     warnings = feed(m, [(5, 3.0, SPREAD)] + stuck + [(600, LOG_K * 0.9, 0.5 * SPREAD)])
     assert [s for s, _ in warnings] == [110]  # first stuck row at 10, reported 100 steps later, once
     msg = warnings[0][1]
@@ -57,9 +57,12 @@ def test_end_state_is_judged_on_the_last_row_and_a_warm_up_already_set_is_length
     m = monitor(total=6, log_every=10, warmup=3)
     assert not feed(m, [(6, 2.08, 0.002)])  # too short for a plateau, but the keys ended collapsed
     v = m.verdict()
-    assert v["collapsed"] and v["key_std"] == 0.002 and v["threshold"] == SPREAD_FRACTION * SPREAD
+    assert v["collapsed"] and v["key_std"] == 0.002 and v["threshold"] == COLLAPSED_FRACTION * SPREAD
     assert "ended collapsed" in v["message"] and "warmup_infonce_epochs=6" in v["message"]
     assert not monitor().verdict()["collapsed"]  # nothing logged: no verdict of collapse
+    m = monitor()
+    feed(m, [(10, 1.0, 0.5 * (SPREAD_FRACTION + COLLAPSED_FRACTION) * SPREAD)])  # narrow, not collapsed
+    assert not m.verdict()["collapsed"]
 
 
 def test_state_survives_a_resume():

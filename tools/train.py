@@ -453,7 +453,11 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
             print(f"COLLAPSED: {figures}. {verdict[0]['message']}; summary.json has \"collapsed\": true "
                   f"(exit status {EXIT_COLLAPSED})")
         else:
-            print(f"done: {figures}")
+            plateau = verdict[0]["plateau"]
+            note = "" if plateau is None else (
+                f" (the relation loss sat at log K with collapsed keys from step {plateau['from_step']} to "
+                f"{plateau['to_step']}: see the warning and summary.json's \"collapse\")")
+            print(f"done: {figures}{note}")
     accelerator.end_training()
     return summary
 

@@ -105,7 +105,8 @@ DatasetWriter("train.beton", {"image": RGBImageField(write_mode="jpg"), "label":
 cfg = SimpleNamespace(data=".", recipe="cifar32", batch_size=4, num_workers=1, seed=0, channels_last=False)
 batch = next(iter(build_loader(cfg, "ffcv")))
 maps = open("/proc/self/maps").read()
-libs = sorted({l.split()[-1] for l in maps.splitlines() if "turbojpeg" in l or "opencv_" in l})
+libs = sorted({l.split()[-1] for l in maps.splitlines()
+               if l.split()[-1].rsplit("/", 1)[-1].startswith(("libturbojpeg", "libopencv_"))})
 print("FFCV", ffcv.__file__, tuple(batch.weak.shape), batch.label.tolist(), *libs, sep="\n")
 """
 

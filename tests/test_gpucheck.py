@@ -259,7 +259,8 @@ def test_cpu_quick_plan_runs_every_step(tmp_path):
     assert steps["train"]["status"] == ("ok" if checks["falling"] else "failed")
     assert (out / "train" / "run" / "last.pt").is_file() and (out / "logs" / "train-resume.log").is_file()
     written = json.loads((out / "gpucheck.json").read_text())
-    assert written["schema"] == 1 and written["kind"] == "gpucheck" and written["plan"] == "cpu-quick"
+    assert written["schema"] == 2 and written["unit"] == "images/s" and written["kind"] == "gpucheck"
+    assert written["plan"] == "cpu-quick"
     assert {"machine", "args", "results", "steps"} <= set(written)
     md = (out / "gpucheck.md").read_text()
     assert md.startswith("gpucheck (cpu-quick plan)") and "| End to end | ok |" in md and "Training run:" in md

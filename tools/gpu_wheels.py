@@ -252,16 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pack", action="store_true", help="build the wheels, skip make-wheelhouse.sh")
     p.add_argument("--check", action="store_true",
                    help="then run tests/test_gpu_wheels.py: a fresh 3.12 venv, ldd, the FFCV loader; it needs "
-                        "WORK/device-site, the GPU image's packages for 3.12 (torch, numpy, numba, opencv, "
-                        "pillow, tqdm, psutil), which --check installs from PyPI once (about 5 GB)")
+                        "WORK/device-site, the GPU image's packages for 3.12 (torch, torchvision, numpy, numba, "
+                        "opencv, pillow, tqdm, psutil, pyyaml), which --check installs from PyPI once (about 5 GB)")
     return p
 
 
 def _device_site(vpy: str, site: Path) -> None:
+    """The GPU image's packages that this repo's loaders import, for CPython 3.12 (torch's CUDA build runs
+    on CPU too): what the fresh venv of the wheel test stands on, as the image's environment does there."""
     if (site / "torch").is_dir():
         return
     _run([vpy, "-m", "pip", "install", "-q", "--target", str(site), "--only-binary=:all:", "torch==2.11.0",
-          "numpy", "numba", "pillow", "opencv-python-headless", "tqdm", "psutil"])
+          "torchvision==0.26.0", "numpy", "numba", "pillow", "opencv-python-headless", "tqdm", "psutil", "pyyaml"])
 
 
 def main(argv: list[str] | None = None) -> dict:

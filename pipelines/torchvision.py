@@ -27,7 +27,7 @@ from .batch import Batch, LoaderConfig
 from .draw import view_crops, view_decisions, view_key
 from .folder import BadImageError, epoch_order, shard_size, train_classes
 from .gpu_augment import normalize
-from .samples import Samples, TreeSamples
+from .samples import NoReadableSamplesError, Samples, TreeSamples
 from .spec import RecipeSpec, ViewSpec
 
 __all__ = [
@@ -126,7 +126,8 @@ class ViewsDataset(Dataset):
                     self._bad[i] = 1
                     log.warning("skipping unreadable image: %s", e)
         else:
-            raise RuntimeError("no readable image in the dataset")
+            raise NoReadableSamplesError(f"none of the {len(self.samples)} samples of "
+                                         f"{getattr(self.samples, 'location', 'the split')} could be read")
         views = []
         for t in self.transforms:
             if isinstance(t, DrawnView):

@@ -4,9 +4,9 @@ The images encode their own coordinates (red = 4 x column, green = 5 x row, blue
 mean red / green of a view tells the crop box it was cut from and the slope of red tells a flip. Each
 backend's views are checked against the box and flip that :mod:`pipelines.draw` gives the sample —
 the same parameters in torchvision, DALI and FFCV (its threads cropping JPEG or raw records on the
-CPU, and raw small images cropped on the device by :mod:`pipelines.resident`). Then: two loaders that differ only in threads,
-workers or world size give identical per-sample views, and a resume mid-epoch gives the straight run's
-batches bit for bit.
+CPU, and raw small images cropped on the device by :mod:`pipelines.resident`). Then: two loaders
+that differ only in threads, workers or world size give identical per-sample views, and a resume
+mid-epoch gives the straight run's batches bit for bit.
 """
 
 from __future__ import annotations

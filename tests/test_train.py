@@ -162,5 +162,6 @@ def test_short_run_through_fast_backends(backend, image_folder, tmp_path):
         write_beton(data / "train.beton", samples, mode="raw")
     s = train.main(small_cfg(data, tmp_path, f"name={backend}", f"backend={backend}", "max_steps=4", "log_every=1"))
     assert s["steps"] == 4 and len(s["losses"]) == 4 and all(np.isfinite(s["losses"]))
-    assert s["backend"].lower().startswith(backend)
+    # FFCV's raw 40x36 images are held on the device (pipelines.resident)
+    assert s["backend"] == {"ffcv": "ResidentLoader", "dali": "DaliLoader"}[backend]
     assert s["knn_after"] is not None

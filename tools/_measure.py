@@ -468,7 +468,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(bench.loader_row(backend, mode, args.batch, args.workers))
     stages: list[dict[str, Any]] = []
     verdicts: list[dict[str, Any]] = []
-    if args.stages and set(modes) - {"model"}:
+    if args.stages and "loader" in modes:  # a loader analysis: end-to-end-only runs skip it
         for backend in args.backends:
             log.info("stage profile: %s batch %d", backend, args.batch)
             got, verdict = bench.stage_rows(backend, rows)

@@ -23,12 +23,13 @@ Units. ``images_per_s`` counts dataset samples (one sample = one weak + n strong
 "images/s" goal); ``pairs_per_s`` counts weak+strong pairs (samples x n strong views); ``views_per_s``
 counts every augmented view a loader produced.
 
-Stages (unless ``--no-stages``; :mod:`pipelines.profile`): per backend, each stage of the loader run
-apart with the backend's own pieces, one batch per call -- read, decode, crop, augment, h2d -- plus the
-model step (the model row), each with its pairs/s as run and its CPU core-seconds per 1,000 pairs (CPU
-time of every thread and process while it ran); then one bottleneck line per backend (CPU-, IO- or
-device-bound, naming the stage) and, with ``--project-cores N``, a projection of the CPU-side stages to
-a GPU machine with N cores (labelled as such: per-core costs measured here, scaled linearly).
+Stages (with ``loader`` in ``--modes``, unless ``--no-stages``; :mod:`pipelines.profile`): per backend,
+each stage of the loader run apart with the backend's own pieces, one batch per call -- read, decode,
+crop, augment, h2d -- plus the model step (the model row), each with its pairs/s as run and its CPU
+core-seconds per 1,000 pairs (CPU time of every thread and process while it ran); then one bottleneck
+line per backend (CPU-, IO- or device-bound, naming the stage) and, with ``--project-cores N``, a
+projection of the CPU-side stages to a GPU machine with N cores (labelled as such: per-core costs
+measured here, scaled linearly).
 
 Without ``--data`` the benchmark reads a deterministic generated set, made once under ``data/bench/``
 (see ``_benchdata.py``), so every run reads the same bytes: above 64 px, ImageNet-size JPEGs with their

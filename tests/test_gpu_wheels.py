@@ -7,6 +7,7 @@ they skip, saying which command makes them. The slimming test runs everywhere.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import zipfile
@@ -132,3 +133,47 @@ def test_ffcv_loader_runs_from_the_wheel_in_a_fresh_312_venv(tmp_path):
     loaded = lines[4:]
     assert any("turbojpeg" in p for p in loaded) and any("opencv_imgproc" in p for p in loaded), loaded
     assert all(p.startswith(str(venv)) and "/ffcv.libs/" in p for p in loaded), loaded
+
+
+DEVICE_INSTALL = r"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1] + "/tools")
+import _gpuhost
+res = _gpuhost.install_wheelhouse(Path(sys.argv[1]), Path(sys.argv[2]), 600)
+import ffcv, nvidia.dali as dali
+from nvidia.dali import fn, pipeline_def
+import numpy as np
+
+@pipeline_def(batch_size=2, num_threads=1, device_id=None)
+def pipe():
+    return fn.external_source(source=lambda: [np.full((4, 4, 3), 7, np.uint8)] * 2, batch=True) * 2
+
+p = pipe()
+p.build()
+out = p.run()[0]
+print("RESULT", json.dumps({**res, "dali": dali.__version__, "ffcv": ffcv.__file__, "dali_file": dali.__file__,
+                           "value": int(np.asarray(out[0])[0, 0, 0])}))
+"""
+
+
+def test_carried_parts_install_on_312_as_on_the_device_and_dali_runs(tmp_path):
+    """gpucheck's wheels step with the real parts, on CPython 3.12 over the image's stand-in packages:
+    the LZMA-slimmed DALI installs with pip and runs a CPU pipeline, FFCV imports from the same site."""
+    py = _python312()
+    site = WORK / "device-site"
+    if not sorted((ROOT / ".device" / "parts").glob("whl.part*")):
+        pytest.skip("no .device/parts: `make gpu-wheels` packs them")
+    if not (site / "torch").is_dir():
+        pytest.skip(f"{site} lacks the GPU image's packages for 3.12: `make gpu-wheels ARGS=--check` installs them")
+    venv = tmp_path / "venv"
+    subprocess.run([py, "-m", "venv", str(venv)], check=True, timeout=120)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", DEVICE_INSTALL, str(ROOT), str(tmp_path / "site")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert res["status"] == "ok" and any(n.startswith("nvidia_dali_cuda130") for n in res["installed"]), res
+    assert not any(n.startswith("numpy") for n in res["installed"])  # the image's own numpy stays
+    assert res["dali"] == "2.4.0" and res["value"] == 14
+    assert res["ffcv"].startswith(str(tmp_path / "site")) and res["dali_file"].startswith(str(tmp_path / "site"))

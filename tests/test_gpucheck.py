@@ -63,7 +63,7 @@ def test_the_gpu_plan_is_the_issues_run():
     assert not any("--compile" in extra for _, extra in plan.model_rows)
     assert labels["rn18cifar-32"][:6] == ("--model", "resnet18_cifar", "--size", "32", "--batch", "512")
     assert plan.train["precision"] == "bf16" and (plan.train_steps, plan.resume_steps) == (200, 20)
-    assert set(plan.shares) == set(gpucheck.STEPS) and plan.shares["compile"] >= 240  # a cold inductor compile
+    assert set(plan.shares) == set(gpucheck.STEPS) and plan.shares["compile"] >= 200  # a cold inductor compile
 
 
 def test_the_device_calls_cover_every_step_each_within_its_budget_and_a_call():
@@ -78,6 +78,8 @@ def test_the_device_calls_cover_every_step_each_within_its_budget_and_a_call():
         covered |= set(names)
         assert sum(shares[n] for n in names) <= int(budget) <= 540, (steps, budget)
     assert covered == set(gpucheck.STEPS)
+    # 15 minutes of device time: the machine's start (up to ~2 min) and three transfers leave ~750 s of commands
+    assert sum(int(c[3]) for c in calls) <= 750
     assert "--append" not in gpucheck.DEVICE_HELP.split("call 1")[1].split("\n")[0]
 
 

@@ -29,9 +29,9 @@ DALI and FFCV on the GPU machine (Python 3.12, no network; neither is on its ima
      the machine is warm, and runs/ (where --append finds the earlier steps) stays with them
   3. the wheels step installs them (into --site, default /tmp/site) once every part is there. The plan
      for three parts, one start plus two calls, each command ending in  cp runs/gpucheck/gpucheck.* $OUT/ :
-       call 1, part00:  make gpu-check ARGS="--steps env,model,compile --budget-s 420"
-       call 2, part01:  make gpu-check ARGS="--steps env,train --append --budget-s 200"
-       call 3, part02:  make gpu-check ARGS="--steps wheels,env,tests,loader,e2e --append --budget-s 480"
+       call 1, part00:  make gpu-check ARGS="--steps env,model,compile --budget-s 300"
+       call 2, part01:  make gpu-check ARGS="--steps env,train --append --budget-s 130"
+       call 3, part02:  make gpu-check ARGS="--steps wheels,env,tests,loader,e2e --append --budget-s 310"
 Without the parts, DALI and FFCV rows are skipped, each with the reason "<backend> not importable here".
 A test module that cannot be imported there (a package missing) is listed as "not collected".
 """
@@ -72,8 +72,8 @@ PLANS: dict[str, Plan] = {
     "gpu": Plan(
         name="gpu", device="cuda", num_images=2048,
         # compile: a cold inductor compile of RN50 forward + backward + the EMA teacher, then the timing
-        shares={"wheels": 60, "env": 15, "tests": 90, "model": 80, "compile": 300, "loader": 100, "e2e": 130,
-                "train": 150},
+        shares={"wheels": 45, "env": 10, "tests": 75, "model": 60, "compile": 230, "loader": 75, "e2e": 105,
+                "train": 120},
         model_rows=(("rn50-224-eager", _RN50),
                     ("rn18cifar-32", ("--model", "resnet18_cifar", "--size", "32", "--batch", "512", "--precision",
                                       "bf16", "--channels-last"))),

@@ -84,7 +84,7 @@ PLANS: dict[str, Plan] = {
     ),
     "cpu": Plan(
         name="cpu", device="cpu", num_images=64,
-        shares={"wheels": 10, "env": 5, "tests": 35, "model": 35, "compile": 1, "loader": 55, "e2e": 60,
+        shares={"wheels": 10, "env": 5, "tests": 35, "model": 50, "compile": 1, "loader": 55, "e2e": 60,
                 "train": 50},
         model_rows=(("rn50-16", ("--model", "resnet50", "--size", "16", "--batch", "4", "--precision", "no")),
                     ("rn18cifar-16", ("--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--precision",

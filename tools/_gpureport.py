@@ -74,10 +74,11 @@ def format_markdown(report: dict[str, Any]) -> str:
                       "| loader eff. | peak GPU mem | note |", "|" + "---|" * 13]
         for r in rows:
             eff, mem, ips = r.get("loader_efficiency"), r.get("peak_mem_bytes"), r.get("images_per_s")
+            workers = "-" if r.get("num_workers") is None else r["num_workers"]
             rate = "-" if ips is None else f"{ips:,.0f} ± {r.get('images_per_s_std') or 0:,.0f}"
             lines.append(f"| {r['step']} | {r['backend']} | {r['mode']} | {r.get('model', '')} | {r.get('batch', '')} "
                          f"| {r.get('size', '')} | {r.get('precision', '')} | {'yes' if r.get('compile') else 'no'} "
-                         f"| {r.get('num_workers', '')} | {rate} | {'-' if eff is None else f'{100 * eff:.0f}%'} "
+                         f"| {workers} | {rate} | {'-' if eff is None else f'{100 * eff:.0f}%'} "
                          f"| {'-' if mem is None else f'{mem / 2**30:.1f} GiB'} | {_cell(_row_note(r))} |")
         lines += ["", UNIT_NOTE + "."]
     tests = report.get("tests") or []

@@ -207,7 +207,8 @@ def _model_rows(ctx: Context, step: str, todo: Sequence[tuple[str, Sequence[str]
         status = _rows_status(o, rows)
         part: dict[str, Any] = {"label": label, "status": status, "seconds": round(o.seconds, 1)}
         if status != "ok":
-            part["reason"] = next((r["error"] for r in rows if r.get("error")), None) or o.tail[-400:]
+            part["reason"] = (f"timeout after {o.seconds:.0f} s" if status == "timeout" else
+                              next((r["error"] for r in rows if r.get("error")), None) or o.tail[-400:])
             if not rows:
                 ctx.rows.append(_skipped_row(step, label, extra, f"{status} after {o.seconds:.0f} s"))
         parts.append(part)

@@ -17,11 +17,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-import _benchdata  # noqa: E402
-import _measure  # noqa: E402
 import bench  # noqa: E402
 
 import pipelines  # noqa: E402
+from harness import benchdata as _benchdata  # noqa: E402
+from harness import measure as _measure  # noqa: E402
 
 TINY = ["--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "1",
         "--repeats", "2", "--workers", "0", "--num-images", "20", "--device", "cpu"]

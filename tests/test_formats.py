@@ -320,7 +320,7 @@ def test_one_synthetic_jpeg_generator(tmp_path):
                                                                "c001/000001.jpg"]
     assert files[1].read_bytes() == synthetic.make_jpeg(2, seed=4) != synthetic.make_jpeg(2, seed=5)
     assert _decode(files[0].read_bytes()).shape[2] == 3
-    path = Path(__file__).resolve().parents[1] / "tools" / "_benchdata.py"
+    path = Path(__file__).resolve().parents[1] / "harness" / "benchdata.py"
     spec = importlib.util.spec_from_file_location("benchdata_probe", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("benchdata_probe", module)

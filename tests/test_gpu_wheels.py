@@ -138,8 +138,8 @@ def test_ffcv_loader_runs_from_the_wheel_in_a_fresh_312_venv(tmp_path):
 DEVICE_INSTALL = r"""
 import json, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1] + "/tools")
-import _gpuhost
+sys.path.insert(0, sys.argv[1])
+from harness import gpuhost as _gpuhost
 res = _gpuhost.install_wheelhouse(Path(sys.argv[1]), Path(sys.argv[2]), 600)
 import ffcv, nvidia.dali as dali
 from nvidia.dali import fn, pipeline_def

@@ -16,9 +16,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-import _benchdata  # noqa: E402
 import bench  # noqa: E402
 
+from harness import benchdata as _benchdata  # noqa: E402
 from pipelines.profile import bottleneck, cpu_seconds, project, time_stage  # noqa: E402
 from pipelines.samples import BetonSamples, RecordSamples, TreeSamples  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Images per second of ReSSL training: loader-only, model-only and end to end, per data backend.
 
-The command line over ``tools/_measure.py``, which holds the timing, the rows and the report.
+The command line over ``harness/measure.py``, which holds the timing, the rows and the report.
 
     make bench                                   # CPU defaults: RN18-CIFAR @32 px, batch 32, about a minute
     python tools/bench.py --backend torchvision,dali --json runs/bench/cpu.json
@@ -32,7 +32,7 @@ projection of the CPU-side stages to a GPU machine with N cores (labelled as suc
 measured here, scaled linearly).
 
 Without ``--data`` the benchmark reads a deterministic generated set, made once under ``data/bench/``
-(see ``_benchdata.py``), so every run reads the same bytes: above 64 px, ImageNet-size JPEGs with their
+(see ``harness/benchdata.py``), so every run reads the same bytes: above 64 px, ImageNet-size JPEGs with their
 .beton and .rec; at ``--size`` <= 64, small raw images (32x32, or the size up to 64) stored as
 ``make dataset`` stores CIFAR (PNG tree, .rec, raw .beton: FFCV takes its resident path).
 
@@ -70,15 +70,13 @@ from typing import Any
 
 import torch
 
-_TOOLS = Path(__file__).resolve().parent
-for _p in (str(_TOOLS.parent), str(_TOOLS)):  # run from a checkout without installing
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from _benchdata import DEFAULT_ROOT  # noqa: E402
-from _measure import MODES, BenchError, cores, format_table, run, write_report  # noqa: E402
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, _ROOT)
 
 import pipelines  # noqa: E402
+from harness.benchdata import DEFAULT_ROOT  # noqa: E402
+from harness.measure import MODES, BenchError, cores, format_table, run, write_report  # noqa: E402
 from pipelines.folder import IMAGE_EXTENSIONS  # noqa: E402
 from pipelines.spec import get_recipe  # noqa: E402
 from ressl.config import run_tool  # noqa: E402

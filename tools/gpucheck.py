@@ -44,12 +44,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
-sys.path[:0] = [p for p in (str(ROOT), str(TOOLS)) if p not in sys.path]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
 
-from _gpuhost import LAUNCH, Outcome, c_compiler, install_wheelhouse, loader_workers, nvidia_smi, run_command  # noqa: E402,F401
-from _gpuhost import find_module as _find  # noqa: E402
-from _gpuplan import DEVICE_HELP, OPTIONAL, PLANS, STEPS, VIEWS, Plan, quick  # noqa: E402
-from _gpureport import UNIT, format_markdown, junit_rows, write_report  # noqa: E402
+from harness.gpuhost import LAUNCH, Outcome, c_compiler, install_wheelhouse, loader_workers, nvidia_smi, run_command  # noqa: E402,F401,E501
+from harness.gpuhost import find_module as _find  # noqa: E402
+from harness.gpuplan import DEVICE_HELP, OPTIONAL, PLANS, STEPS, VIEWS, Plan, quick  # noqa: E402
+from harness.gpureport import UNIT, format_markdown, junit_rows, write_report  # noqa: E402
 
 SCHEMA_VERSION = 2
 
@@ -103,7 +104,8 @@ def step_env(ctx: Context, timeout: float) -> dict[str, Any]:
     optional = {m: _find(m) for m in OPTIONAL}
     result: dict[str, Any] = {"optional": optional, "nvidia_smi": nvidia_smi()}
     import torch
-    from _measure import machine_info
+
+    from harness.machine import machine_info
 
     result["cuda_available"] = torch.cuda.is_available()
     machine = machine_info(torch.device(ctx.plan.device) if torch.cuda.is_available() else None)
@@ -335,12 +337,12 @@ def _trend(csv_path: Path) -> dict[str, tuple[float, float]]:
 def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
     """tools/train.py on the bench set: ``train_steps`` steps, checks, then a resume for ``resume_steps`` more."""
     end = time.perf_counter() + timeout
-    from _benchdata import bench_root
+    from harness.benchdata import bench_root
 
     data = str(bench_root(ctx.plan.num_images, 0, ctx.bench_dir()))
     if not (Path(data) / "manifest.json").is_file():  # steps 3-5 did not run: generate it here
-        prep = run_command([sys.executable, "-c", "import sys; sys.path.insert(0, 'tools'); import _benchdata; "
-                            f"_benchdata.ensure_images({ctx.plan.num_images}, 0, {ctx.bench_dir()!r})"],
+        prep = run_command([sys.executable, "-c", "from harness import benchdata; "
+                            f"benchdata.ensure_images({ctx.plan.num_images}, 0, {ctx.bench_dir()!r})"],
                            timeout=max(1.0, end - time.perf_counter()), log=ctx.out / "logs" / "train-data.log",
                            env=ctx.plan.env)
         if prep.status != "ok":

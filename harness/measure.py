@@ -4,7 +4,7 @@
 timed (loader-only, model-only, end to end, the stages), the units and the JSON contract are described
 in ``tools/bench.py``'s docstring. The model step is :class:`ressl.step.TrainStep`, the step that
 ``tools/train.py`` takes, built by the same ``build_model`` / ``build_optimizer``. Machine facts live in
-``_machine.py``, timed windows in ``_timing.py``, text and JSON output in ``_report.py``, the stage
+``harness/machine.py``, timed windows in ``harness/timing.py``, text and JSON output in ``harness/report.py``, the stage
 timers in :mod:`pipelines.profile`.
 """
 
@@ -28,22 +28,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-_TOOLS = Path(__file__).resolve().parent
-for _p in (str(_TOOLS.parent), str(_TOOLS)):  # run from a checkout without installing
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from _benchdata import SMALL_SIDE, ensure_format, ensure_images, ensure_small  # noqa: E402
-from _machine import cores, machine_info  # noqa: E402
-from _report import format_table, write_report  # noqa: E402
-from _timing import Timing, measure, summarize, trace  # noqa: E402
-
-import pipelines  # noqa: E402
-from pipelines.formats import RAW_MAX_SIDE  # noqa: E402
-from pipelines.profile import bottleneck, profile_backend, project  # noqa: E402
-from pipelines.spec import RecipeSpec, get_recipe  # noqa: E402
-from ressl.config import Config, ConfigError  # noqa: E402
-from ressl.step import TrainStep, build_model, build_optimizer  # noqa: E402
+import pipelines
+from harness.benchdata import SMALL_SIDE, ensure_format, ensure_images, ensure_small
+from harness.machine import cores, machine_info
+from harness.report import format_table, write_report
+from harness.timing import Timing, measure, summarize, trace
+from pipelines.formats import RAW_MAX_SIDE
+from pipelines.profile import bottleneck, profile_backend, project
+from pipelines.spec import RecipeSpec, get_recipe
+from ressl.config import Config, ConfigError
+from ressl.step import TrainStep, build_model, build_optimizer
 
 __all__ = [
     "MODES",

@@ -1,9 +1,10 @@
 """ReSSL (NeurIPS 2021 + TPAMI 2024): the method, independent of where batches come from.
 
-Submodules: ``loss`` (relation / InfoNCE / similarity losses), ``ema`` (teacher update and momentum
-schedule), ``queue`` (memory queue), ``models`` (backbone registry, heads), ``method`` (the ReSSL
-module), ``eval`` (kNN, linear probe, t-SNE), ``config`` (flat typed config). The names below are
-imported lazily so that ``import ressl.config`` stays cheap (no torchvision import).
+Submodules: ``loss`` (relation / InfoNCE / similarity losses), ``schedule`` (lr, EMA momentum and
+InfoNCE weight as functions of the step), ``ema`` (teacher update), ``queue`` (memory queue), ``models``
+(backbone registry, heads), ``method`` (the ReSSL module), ``step`` (one optimiser step), ``run`` (run
+directory, lock, checkpoints, log), ``eval`` (kNN, linear probe, t-SNE), ``config`` (flat typed config).
+The names below are imported lazily so that ``import ressl.config`` stays cheap (no torchvision import).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ __all__ = [
     "similarity_loss",
     "ema_update_",
     "momentum_at",
+    "scaled_lr",
+    "Schedule",
     "FeatureQueue",
     "BACKBONES",
     "build_backbone",
@@ -35,9 +38,10 @@ __all__ = [
 ]
 
 _WHERE = {
-    "ReSSL": "method", "infonce_weight": "method",
+    "ReSSL": "method",
+    "Schedule": "schedule", "infonce_weight": "schedule", "momentum_at": "schedule", "scaled_lr": "schedule",
     "relation_loss": "loss", "infonce_loss": "loss", "similarity_loss": "loss",
-    "ema_update_": "ema", "momentum_at": "ema",
+    "ema_update_": "ema",
     "FeatureQueue": "queue",
     "BACKBONES": "models", "build_backbone": "models", "check_backbone_name": "models",
     "ProjectionHead": "models", "Predictor": "models",

@@ -1,4 +1,4 @@
-"""EMA teacher update and its momentum schedule.
+"""EMA teacher update (its momentum schedule is ``ressl.schedule.momentum_at``).
 
 The update works in place on flat parameter lists with ``torch._foreach_*`` (one fused kernel per
 list on GPU) instead of reassigning ``.data`` per tensor. Only parameters are averaged. Buffers
@@ -10,12 +10,10 @@ has, not with the student's (whose weights differ and whose inputs are the stron
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-__all__ = ["ema_update_", "momentum_at"]
+__all__ = ["ema_update_"]
 
 
 def _paired(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -56,20 +54,3 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         else:
             torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
-
-def momentum_at(step: int, total_steps: int, base: float, schedule: str) -> float:
-    """EMA momentum at optimiser step ``step`` of ``total_steps``.
-
-    ``constant`` returns ``base``; ``cosine`` rises from ``base`` at step 0 to 1 at the last step
-    (BYOL's schedule: ``1 - (1 - base) * (cos(pi * step / total) + 1) / 2``).
-    """
-    if not 0.0 <= base <= 1.0:
-        raise ValueError(f"momentum base must be in [0, 1], got {base}")
-    if schedule == "constant":
-        return base
-    if schedule == "cosine":
-        if total_steps <= 0:
-            raise ValueError(f"total_steps must be > 0 for the cosine momentum schedule, got {total_steps}")
-        frac = min(max(step / total_steps, 0.0), 1.0)
-        return 1.0 - (1.0 - base) * (math.cos(math.pi * frac) + 1.0) / 2.0
-    raise ValueError(f"momentum schedule must be 'constant' or 'cosine', got {schedule!r}")

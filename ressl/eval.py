@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .config import Config, ConfigError
 from .io import atomic_open
+from .schedule import lr_factor, scaled_lr
 
 __all__ = [
     "Checkpoint",
@@ -189,9 +190,10 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
     return {k: 100.0 * float(hit[:, :k].any(dim=1).float().mean()) for k in ks}
 
 
-def _sgd_cosine(params, lr: float, momentum: float, weight_decay: float, total_steps: int):
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+def _sgd_cosine(params, lr: float, batch_size: int, momentum: float, weight_decay: float, total_steps: int):
+    """SGD at ``lr`` per 256 images, cosine to 0 over ``total_steps`` without warm-up (``ressl.schedule``)."""
+    opt = torch.optim.SGD(params, lr=scaled_lr(lr, batch_size), momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, 0, total_steps))
     return opt, sched
 
 
@@ -233,7 +235,7 @@ def linear_probe(
         fc.bias.zero_()
     fc = fc.to(device)
     steps = math.ceil(len(x) / batch_size)
-    opt, sched = _sgd_cosine(fc.parameters(), lr * batch_size / 256, momentum, weight_decay, epochs * steps)
+    opt, sched = _sgd_cosine(fc.parameters(), lr, batch_size, momentum, weight_decay, epochs * steps)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=g).to(device)
         for i in range(steps):
@@ -299,7 +301,7 @@ def linear_probe_augmented(
         probe.weight.copy_(0.01 * torch.randn(probe.weight.shape, generator=g))
         probe.bias.zero_()
     probe = probe.to(device)
-    opt, sched = _sgd_cosine(probe.parameters(), lr * batch_size / 256, momentum, weight_decay,
+    opt, sched = _sgd_cosine(probe.parameters(), lr, batch_size, momentum, weight_decay,
                              epochs * len(train_loader))
     final: dict[int, float] = {}
     best = {"best_top1": -1.0, "best_top5": 0.0, "best_epoch": 0}

@@ -35,7 +35,7 @@ from .splitbn import bn_splits, convert_split_batchnorm
 if TYPE_CHECKING:
     from .config import Config
 
-__all__ = ["Encoder", "ReSSL", "infonce_weight", "shuffle_permutation", "BACKBONE_PREFIX"]
+__all__ = ["Encoder", "ReSSL", "shuffle_permutation", "BACKBONE_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +55,6 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = self.head(self.backbone(x))
         return self.predictor(z) if self.predictor is not None else z
-
-
-def infonce_weight(epoch: float, warmup_epochs: int, blend_epochs: int) -> float:
-    """Weight of InfoNCE against the relation loss at fractional ``epoch`` (TPAMI warm-up).
-
-    1 for the first ``warmup_epochs``, then falls linearly to 0 over ``blend_epochs`` (a hard switch
-    when that is 0), then stays 0.
-    """
-    if warmup_epochs < 0 or blend_epochs < 0:
-        raise ValueError(f"warm-up and blend epochs must be >= 0, got {warmup_epochs} and {blend_epochs}")
-    if epoch < warmup_epochs:
-        return 1.0
-    if epoch < warmup_epochs + blend_epochs:
-        return 1.0 - (epoch - warmup_epochs) / blend_epochs
-    return 0.0
 
 
 def shuffle_permutation(seed: int, call: int, n: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""Run infrastructure shared by the training tools: schedule, checkpoints, CSV/TensorBoard log, curves.
+"""Run infrastructure shared by the training tools: checkpoints, CSV/TensorBoard log, curves, lock.
 
 Nothing here knows the method or the data; ``tools/train.py`` and ``tools/train_graph.py`` pass their
 own metric columns, plot keys and checkpoint contents.
@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ __all__ = [
     "RunLockedError",
     "RunLog",
     "load_optimizer_state",
-    "lr_lambda",
     "move_run_aside",
     "plot_curves",
     "run_outputs",
@@ -49,43 +48,18 @@ class NonFiniteLossError(RunError):
     """Training produced a NaN or inf loss; the run stops before saving anything from that state."""
 
 
-def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up from ~0 to 1, then cosine to 0, as a function of the optimiser step.
-
-    A pure function of the step: resuming with another ``total_steps`` (a longer schedule) or another
-    base lr only needs the step, not any saved scheduler state.
-    """
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                         saved: dict[str, Any], step: int) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """Resume the optimiser: its per-parameter state (SGD momentum buffers) from the checkpoint, its
-    hyperparameters (lr, weight decay, momentum) from the current config, and the lr at ``step`` of the
-    current schedule.
+    hyperparameters (lr, weight decay, momentum) from the current config.
 
-    ``optimizer`` and ``scheduler`` must be freshly built from the current config (so their groups hold
-    its values); a plain ``load_state_dict`` would bring back the checkpoint's lr and schedule length.
-    With an unchanged config the result is the state the run had at ``step``.
+    ``optimizer`` must be freshly built from the current config (so its groups hold its values); a plain
+    ``load_state_dict`` would bring back the checkpoint's. The lr itself is set by every step from
+    ``ressl.schedule``, a pure function of the step.
     """
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(saved)
     for group, values in zip(optimizer.param_groups, current):
         group.update(values)
-    base = [g["initial_lr"] for g in optimizer.param_groups]
-    lrs = [b * f(step) for b, f in zip(base, scheduler.lr_lambdas)]
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-    state = scheduler.state_dict()
-    state.update(base_lrs=base, last_epoch=step, _last_lr=lrs)
-    scheduler.load_state_dict(state)
 
 
 class _WriteErrors:

@@ -7,10 +7,10 @@ training takes, so both tools build the model with :func:`build_model`, the opti
     precision = resolve_precision(cfg.precision, device)          # "auto": bf16 on CUDA, fp32 on CPU
     accelerator = Accelerator(mixed_precision=precision, ...)
     model = build_model(cfg, accelerator.device)
-    optimizer = build_optimizer(model, cfg)                       # lr = cfg.lr * batch_size / 256
+    optimizer = build_optimizer(model, cfg)                       # peak lr = cfg.lr * batch_size / 256
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(model, optimizer, accelerator, scheduler)
-    loss, metrics = step(batch.weak, batch.strong, momentum=m, infonce_weight=w)
+    step = TrainStep(model, optimizer, accelerator)
+    loss, metrics = step(batch.weak, batch.strong, lr=schedule.lr(i), momentum=m, infonce_weight=w)
     if step.nonfinite.item(): ...                                 # host sync, when the caller chooses
 """
 
@@ -21,16 +21,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .schedule import scaled_lr
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from .config import Config
     from .method import ReSSL
 
-__all__ = ["LR_REFERENCE_BATCH", "TrainStep", "build_model", "build_optimizer", "resolve_precision", "scaled_lr"]
-
-# The paper states the learning rate per 256 images (linear scaling rule).
-LR_REFERENCE_BATCH = 256
+__all__ = ["TrainStep", "build_model", "build_optimizer", "resolve_precision"]
 
 
 def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
@@ -48,11 +47,6 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
         return precision
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     return "bf16" if cuda else "no"
-
-
-def scaled_lr(lr: float, batch_size: int) -> float:
-    """The optimiser's learning rate: ``lr`` is per 256 images, ``batch_size`` the global batch."""
-    return lr * batch_size / LR_REFERENCE_BATCH
 
 
 def build_model(cfg: Config, device: torch.device | str) -> ReSSL:
@@ -83,41 +77,41 @@ def build_optimizer(model: ReSSL, cfg: Config) -> torch.optim.SGD:
 
 
 class TrainStep:
-    """One optimiser step: autocast forward, backward, SGD step, lr schedule step, ``zero_grad``, then
+    """One optimiser step: autocast forward, backward, SGD step at the given lr, ``zero_grad``, then
     the teacher EMA and the enqueue of the teacher keys; a non-finite loss raises a flag on the device.
 
     Args:
         model: the ReSSL module after ``accelerator.prepare`` (possibly DDP-wrapped).
         optimizer: its prepared optimiser (Accelerate's wrapper applies the fp16 GradScaler, if any).
         accelerator: provides autocast, backward (loss scaling) and the unwrapped module.
-        scheduler: stepped once per optimiser step, by hand (``accelerator.prepare`` would step it once
-            per process); None for a constant lr (the benchmark).
 
     The step never synchronises with the host: ``nonfinite`` ([] bool on the device) stays set once any
     loss was NaN/inf, and the caller reads it (``.item()``, a sync) when it logs or saves.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
-        self.model, self.optimizer, self.accelerator, self.scheduler = model, optimizer, accelerator, scheduler
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> None:
+        self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
         self.core: ReSSL = accelerator.unwrap_model(model)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
 
-    def __call__(self, weak: Tensor, strong: list[Tensor], *, momentum: float,
-                 infonce_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, weak: Tensor, strong: list[Tensor], *, momentum: float, infonce_weight: float = 0.0,
+                 lr: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Train on one batch; returns the loss and the detached metrics of ``ReSSL.forward``.
 
         Args:
             weak: [B,3,H,W] teacher view; strong: one [B,3,h,w] per student view.
+            lr: learning rate of this step (``ressl.schedule.Schedule.lr``) for every parameter group;
+                None keeps the optimiser's (the benchmark's constant lr).
             momentum: EMA momentum of the teacher for this step.
             infonce_weight: TPAMI warm-up weight of InfoNCE against the relation loss.
         """
         with self.accelerator.autocast():
             loss, metrics = self.model(weak, strong, infonce_weight=infonce_weight)
         self.accelerator.backward(loss)
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.core.update(momentum)  # EMA teacher (backbone + head) then enqueue the all-gathered teacher keys
         self.nonfinite |= ~torch.isfinite(loss.detach())  # on device: no host sync here

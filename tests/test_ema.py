@@ -1,13 +1,12 @@
 """EMA update against a float64 reference, its edge cases, and the momentum schedule."""
 
 import copy
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from ressl.ema import ema_update_, momentum_at
+from ressl.ema import ema_update_
 
 
 def _pair(seed=0):
@@ -53,13 +52,3 @@ def test_student_may_have_extra_modules_but_not_fewer():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         ema_update_(teacher, student, 1.5)
 
-
-def test_momentum_schedule():
-    assert momentum_at(37, 100, 0.99, "constant") == 0.99
-    assert momentum_at(0, 100, 0.99, "cosine") == pytest.approx(0.99)
-    assert momentum_at(100, 100, 0.99, "cosine") == pytest.approx(1.0)
-    assert momentum_at(50, 100, 0.99, "cosine") == pytest.approx(1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)
-    values = [momentum_at(s, 100, 0.99, "cosine") for s in range(101)]
-    assert values == sorted(values)
-    with pytest.raises(ValueError, match="linear"):
-        momentum_at(0, 100, 0.99, "linear")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ressl.config import Config, ConfigError
 from ressl.loss import infonce_loss, relation_loss, similarity_loss
-from ressl.method import BACKBONE_PREFIX, ReSSL, infonce_weight
+from ressl.method import BACKBONE_PREFIX, ReSSL
 from ressl.models import build_model
 
 B, S = 4, 8
@@ -123,19 +123,6 @@ def test_update_does_ema_then_enqueues_the_forward_keys():
         torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
     with pytest.raises(RuntimeError, match="before forward"):
         model.update(0.9)
-
-
-def test_infonce_warmup_schedule_and_switch():
-    assert infonce_weight(0.0, 3, 0) == 1.0
-    assert infonce_weight(2.99, 3, 0) == 1.0
-    assert infonce_weight(3.0, 3, 0) == 0.0  # hard switch exactly at the end of warm-up
-    assert infonce_weight(3.0, 3, 2) == 1.0
-    assert infonce_weight(4.0, 3, 2) == pytest.approx(0.5)
-    assert infonce_weight(5.0, 3, 2) == 0.0
-    assert infonce_weight(7.0, 0, 0) == 0.0
-    # Steps of a 10-step epoch: the first step with weight 0 is step 30.
-    weights = [infonce_weight(s / 10, 3, 0) for s in range(40)]
-    assert weights.index(0.0) == 30
 
 
 def test_switch_from_infonce_to_relation_is_logged(caplog):

@@ -59,22 +59,21 @@ from pipelines import build_loader  # noqa: E402
 from pipelines.eval import build_eval_loader, eval_problem  # noqa: E402
 from pipelines.spec import RecipeError, RecipeSpec, resolve_recipe  # noqa: E402
 from ressl.config import Config, ConfigError, RunError, load_config, resume_changes, run_tool  # noqa: E402
-from ressl.ema import momentum_at  # noqa: E402
 from ressl.eval import extract_features, knn_accuracy, load_checkpoint  # noqa: E402
 from ressl.io import atomic_write_json, remove_stale_temps  # noqa: E402
-from ressl.method import ReSSL, infonce_weight  # noqa: E402
+from ressl.method import ReSSL  # noqa: E402
 from ressl.monitor import CollapseMonitor  # noqa: E402
 from ressl.run import (  # noqa: E402
     NonFiniteLossError,
     RunLock,
     RunLog,
     load_optimizer_state,
-    lr_lambda,
     move_run_aside,
     plot_curves,
     run_outputs,
     save_checkpoint,
 )
+from ressl.schedule import Schedule  # noqa: E402
 from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision  # noqa: E402
 
 log = logging.getLogger("train")
@@ -310,24 +309,22 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
     model = build_model(cfg, device)  # channels_last and compiled encoders as the config asks
 
     # --- optimiser + schedule ---------------------------------------------------------------------------
-    optimizer = build_optimizer(model, cfg)  # SGD, lr = cfg.lr * batch_size / 256
-    # stepped by hand once per optimiser step (accelerate.prepare would step it once per process)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_epochs * steps_per_epoch,
-                                                                       total_steps))
+    optimizer = build_optimizer(model, cfg)  # SGD, peak lr = cfg.lr * batch_size / 256
+    schedule = Schedule.from_config(cfg, steps_per_epoch, total_steps)  # lr, EMA momentum, InfoNCE weight
     model, optimizer = accelerator.prepare(model, optimizer)
-    train_step = TrainStep(model, optimizer, accelerator, scheduler)  # the step tools/bench.py times too
+    train_step = TrainStep(model, optimizer, accelerator)  # the step tools/bench.py times too
     core: ReSSL = train_step.core
 
     step, start_epoch, start_batch, history = 0, 0, 0, {"knn": []}
     if state:
         core.load_state_dict(state["model"])
         # momentum buffers from the checkpoint; lr, weight decay and the schedule from the current config
-        load_optimizer_state(optimizer, scheduler, state["optimizer"], state["step"])
+        load_optimizer_state(optimizer, state["optimizer"])
         step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
         history = state.get("history", history)
         torch.set_rng_state(state["rng_cpu"])
         log.info("resumed from %s at step %d (epoch %d, batch %d), lr %.4g", resume_from, step, start_epoch,
-                 start_batch, scheduler.get_last_lr()[0])
+                 start_batch, schedule.lr(step))
 
     def checkpoint(epoch: int, batch: int) -> None:
         if batch >= steps_per_epoch:  # the epoch is complete: resume at the start of the next one
@@ -338,7 +335,7 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
             try:
                 save_checkpoint(ckpt_path, {
                     "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "batch": batch,
+                    "step": step, "epoch": epoch, "batch": batch,
                     "history": history, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict(),
                     "log_rows": runlog.rows,
                 })
@@ -364,7 +361,7 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
 
     def nonfinite_error() -> NonFiniteLossError:
         bar.close()  # the message goes on its own line, after the progress bar's
-        return NonFiniteLossError(nan_message(cfg, step, epoch, scheduler.get_last_lr()[0], ckpt_path,
+        return NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(step), ckpt_path,
                                               accelerator.num_processes))
 
     if cfg.knn_before and not state:
@@ -382,11 +379,11 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch, start_batch)
         for batch_idx, batch in enumerate(loader, start=start_batch):
-            w_nce = infonce_weight(epoch + batch_idx / steps_per_epoch, cfg.warmup_infonce_epochs,
-                                   cfg.infonce_blend_epochs)
-            m = momentum_at(step, total_steps, cfg.momentum, cfg.momentum_schedule)
-            # autocast forward, backward, SGD + lr step, zero_grad, EMA + enqueue; no host sync
-            loss, metrics = train_step(batch.weak, batch.strong, momentum=m, infonce_weight=w_nce)
+            w_nce = schedule.infonce(epoch, batch_idx)
+            m = schedule.ema_momentum(step)
+            # autocast forward, backward, SGD step, zero_grad, EMA + enqueue; no host sync
+            loss, metrics = train_step(batch.weak, batch.strong, lr=schedule.lr(step), momentum=m,
+                                       infonce_weight=w_nce)
             step += 1
             position = (epoch, batch_idx + 1)
             bar.update(1)
@@ -399,13 +396,13 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
                 t_last, step_last = now, step
                 vals = {k: v.item() for k, v in metrics.items()}
                 losses.append(vals["loss"])
-                runlog.row(step, epoch=epoch, lr=scheduler.get_last_lr()[0], momentum=m, infonce_weight=w_nce,
+                runlog.row(step, epoch=epoch, lr=schedule.lr(step), momentum=m, infonce_weight=w_nce,
                            images_per_s=ips, **vals)
                 warning = collapse.observe(step, vals["loss_rel"], vals["key_std"], w_nce,
                                            relation_trained=cfg.w_rel > 0)
                 if warning and accelerator.is_main_process:
                     log.warning(warning)
-                bar.set_postfix(loss=f"{vals['loss']:.4f}", m=f"{m:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}",
+                bar.set_postfix(loss=f"{vals['loss']:.4f}", m=f"{m:.4f}", lr=f"{schedule.lr(step):.3g}",
                                 img_s=f"{ips:.0f}")
             if step % cfg.ckpt_every == 0 and step < total_steps:
                 if nonfinite.item():  # host sync; never save a state that has seen a NaN

@@ -69,7 +69,8 @@ except ImportError as e:  # pragma: no cover - exercised only where DALI is abse
 
 from .batch import Batch, LoaderConfig
 from .draw import view_crops, view_decisions
-from .folder import epoch_order, train_classes
+from .folder import train_classes
+from .order import epoch_order
 from .samples import RecordSamples, Samples, TreeSamples, bad_samples
 from .spec import RecipeSpec, ViewSpec
 

@@ -32,8 +32,8 @@ from numba.extending import intrinsic, overload
 
 from .batch import FFCV_ORDERS, Batch, LoaderConfig
 from .draw import crop_box, view_key
-from .folder import epoch_order
 from .gpu_augment import augment_view, drawn_view_params
+from .order import epoch_order
 from .resident import ResidentLoader, fits_resident
 from .samples import BetonSamples, bad_samples
 from .spec import RecipeSpec, ViewSpec

@@ -1,4 +1,4 @@
-"""The three data concepts every backend, converter and tool shares, written once.
+"""The two data concepts every backend, converter and tool shares, written once.
 
 - **Class listing** of an ImageFolder tree (:func:`class_dirs`, :func:`list_files`,
   :class:`ImageFolderFiles`): classes are the visible sub-directories sorted by name; hidden entries
@@ -8,9 +8,8 @@
 - **Loading an image as RGB** (:func:`load_rgb`, :func:`decode_rgb`, :func:`to_rgb`): every decode
   failure becomes a :class:`BadImageError` that names the file and the reason; 16-bit images are
   scaled to 8 bits, not clipped.
-- **The per-epoch sharded order** (:func:`epoch_order`): one seeded permutation per (seed, epoch),
-  dealt to ranks as ``torch.utils.data.DistributedSampler`` deals it, so the torchvision, DALI and
-  FFCV backends visit the same samples in the same order for the same seed.
+
+The per-epoch sharded order every backend visits samples in is :mod:`pipelines.order`.
 """
 
 from __future__ import annotations
@@ -22,20 +21,19 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "BadImageError",
     "ImageFolderFiles",
+    "DECODE_ERRORS",
     "class_dirs",
+    "decode_failure",
     "decode_rgb",
     "display_name",
-    "epoch_order",
     "list_files",
     "load_rgb",
-    "shard_size",
     "to_rgb",
     "train_classes",
     "verify_image",
@@ -151,7 +149,18 @@ class ImageFolderFiles:
         return len(self.samples)
 
 
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What Pillow raises for a file that is not a readable image (the converter and every loader catch these).
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def decode_failure(e: BaseException) -> str:
+    """Why an image did not decode, from Pillow's exception (one of :data:`DECODE_ERRORS`): the reason the
+    converter records in its manifest and the loaders put in :class:`BadImageError`."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image (unrecognised format)"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"too large: {e}"
+    return f"truncated or corrupt: {e}"
 
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow modes of more than 8 bits per sample
@@ -180,10 +189,8 @@ def _to_rgb(f, name: str) -> Image.Image:
         img = Image.open(f)
         img.load()
         return to_rgb(img)
-    except UnidentifiedImageError as e:
-        raise BadImageError(f"{name}: not an image (unrecognised format)") from e
-    except _DECODE_ERRORS as e:
-        raise BadImageError(f"{name}: truncated or corrupt image: {e}") from e
+    except DECODE_ERRORS as e:
+        raise BadImageError(f"{name}: {decode_failure(e)}") from e
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -221,43 +228,11 @@ def verify_image(data: bytes, name: str = "<bytes>") -> None:
             if img.format == "JPEG":
                 img.draft(img.mode, (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
             img.load()
-    except UnidentifiedImageError as e:
-        raise BadImageError(f"{name}: not an image (unrecognised format)") from e
-    except _DECODE_ERRORS as e:
-        raise BadImageError(f"{name}: truncated or corrupt image: {e}") from e
+    except DECODE_ERRORS as e:
+        raise BadImageError(f"{name}: {decode_failure(e)}") from e
 
 
 def display_name(path: str) -> str:
     """``path`` printable in any log: bytes that are not UTF-8 (kept by Python as surrogate escapes) shown
     as U+FFFD instead of raising UnicodeEncodeError when the name is written."""
     return os.fsencode(path).decode("utf-8", "replace")
-
-
-def shard_size(n: int, world_size: int, drop_last: bool = True) -> int:
-    """Samples per rank per epoch: ``n // world_size`` (drop_last) or ``ceil(n / world_size)`` (padded)."""
-    return n // world_size if drop_last else -(-n // world_size)
-
-
-def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                drop_last: bool = True) -> np.ndarray:
-    """This rank's sample indices for ``epoch``, in visiting order (int64).
-
-    One permutation of ``range(n)`` per (seed, epoch) (torch's ``randperm``, seeded
-    ``seed * 1_000_003 + epoch``), shared by all ranks, then dealt as
-    ``DistributedSampler`` deals it: truncated (``drop_last``) or padded by wrapping to a multiple of
-    ``world_size``, rank ``r`` taking positions ``r, r + world_size, ...``. Every rank gets the same
-    count; across ranks an epoch holds every sample once (padding repeats a few).
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"epoch_order: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if n < world_size:
-        raise ValueError(f"epoch_order: {n} samples are too few for {world_size} process(es)")
-    if shuffle:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=g).numpy()
-    else:
-        order = np.arange(n, dtype=np.int64)
-    total = shard_size(n, world_size, drop_last) * world_size
-    if total > n:
-        order = np.concatenate([order, order[: total - n]])
-    return order[:total][rank::world_size].astype(np.int64, copy=False)

@@ -54,8 +54,9 @@ import torch
 
 from .batch import LoaderConfig
 from .draw import view_crops
-from .folder import decode_rgb, epoch_order, train_classes
+from .folder import decode_rgb, train_classes
 from .gpu_augment import augment_view, drawn_view_params, normalize
+from .order import epoch_order
 from .samples import BetonSamples, Samples, TreeSamples, bad_samples
 from .spec import RecipeSpec, ViewSpec
 

@@ -28,8 +28,8 @@ from torchvision.ops import roi_align
 
 from .batch import Batch
 from .draw import view_crops
-from .folder import epoch_order, shard_size
 from .gpu_augment import augment_view, drawn_view_params
+from .order import epoch_order, shard_size
 from .spec import RecipeSpec
 
 __all__ = ["MAX_SIDE", "MEMORY_BUDGET", "ResidentLoader", "fits_resident"]

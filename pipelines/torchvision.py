@@ -25,8 +25,9 @@ from torchvision.transforms.v2 import functional as F
 
 from .batch import Batch, LoaderConfig
 from .draw import view_crops, view_decisions, view_key
-from .folder import BadImageError, epoch_order, shard_size, train_classes
+from .folder import BadImageError, train_classes
 from .gpu_augment import normalize
+from .order import epoch_order, shard_size
 from .samples import NoReadableSamplesError, Samples, TreeSamples
 from .spec import RecipeSpec, ViewSpec
 

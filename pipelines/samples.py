@@ -20,7 +20,6 @@ another dataset, or an ``.idx`` cut short, stops the loader with a message namin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from PIL import Image
 from ressl.config import ConfigError
 from ressl.io import atomic_write_json
 
+from .fingerprint import file_fingerprint
 from .folder import BadImageError, ImageFolderFiles, decode_rgb, display_name, verify_image
 from .formats.manifest import check_loaded
 
@@ -76,14 +76,6 @@ class Samples(Protocol):
         ...
 
 
-def _stat_key(paths: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        st = os.stat(p)
-        h.update(os.fsencode(p) + b"\0" + f"{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
 class TreeSamples:
     """An ImageFolder tree, labelled by ``classes`` (the train split's list; None = the tree's own)."""
 
@@ -113,7 +105,7 @@ class TreeSamples:
         return display_name(self.paths[i])
 
     def fingerprint(self) -> str:
-        return _stat_key(self.paths)
+        return file_fingerprint(self.paths)
 
 
 class _Mapped:
@@ -192,7 +184,7 @@ class RecordSamples(_Mapped):
         return f"record {i} of {self.rec}"
 
     def fingerprint(self) -> str:
-        return _stat_key([str(self.rec), str(self.idx)])
+        return file_fingerprint([str(self.rec), str(self.idx)])
 
 
 class BetonSamples(_Mapped):
@@ -248,7 +240,7 @@ class BetonSamples(_Mapped):
         return f"record {i} of {self.path}"
 
     def fingerprint(self) -> str:
-        return _stat_key([str(self.path)])
+        return file_fingerprint([str(self.path)])
 
 
 def _check_one(samples: Samples, i: int) -> str | None:

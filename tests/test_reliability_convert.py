@@ -449,8 +449,8 @@ def test_full_disk_ends_with_the_file_named_and_nothing_left(tmp_path):
     assert not list((tmp_path / "out" / "folder").glob("train*")) and _leftovers(tmp_path) == []
 
 
-def _die_on_seven(i: int) -> int:
-    if i == 7:
+def _die_on(fatal: int, i: int) -> int:
+    if i == fatal:
         os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer or a crashing decoder would
     time.sleep(0.01)
     return i * i
@@ -460,10 +460,10 @@ def test_a_dead_worker_ends_the_map_naming_its_item():
     """multiprocessing.Pool.imap waits forever for a SIGKILLed worker's result; ordered_map raises."""
     from pipelines.formats.children import WorkerDiedError, ordered_map
 
-    assert list(ordered_map(_die_on_seven, [1, 2, 3, 4], 2, chunk_size=1)) == [1, 4, 9, 16]
+    assert list(ordered_map(_die_on, [1, 2, 3, 4], 2, state=7, chunk_size=1)) == [1, 4, 9, 16]
     t0 = time.monotonic()
     with pytest.raises(WorkerDiedError, match=r"while working on file-7; nothing was written"):
-        list(ordered_map(_die_on_seven, list(range(40)), 2, chunk_size=2, describe=lambda i: f"file-{i}"))
+        list(ordered_map(_die_on, list(range(40)), 2, state=7, chunk_size=2, describe=lambda i: f"file-{i}"))
     assert time.monotonic() - t0 < 30
 
 

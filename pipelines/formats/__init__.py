@@ -8,8 +8,12 @@ Submodules import their heavy dependencies (FFCV, Pillow, scikit-learn, Numba) o
   streamed from the main process; fields ``image``, ``label``), byte-identical to FFCV's own
   ``DatasetWriter`` with one worker, for any number of our processes
 * :mod:`.manifest` - ``manifest.json`` and the checks of outputs against it (loaders, ``--verify``)
-* :mod:`.sources` - ``build_source`` and the dataset readers (demo, CIFAR, STL-10, ImageNet, ...)
-* :mod:`.convert` - ``convert``: a source into ImageFolder / .rec / .beton + manifest.json
+* :mod:`.sources` - ``build_source``: a dataset by name, over :mod:`.source` (the ``Source`` model),
+  :mod:`.arrays` (demo, CIFAR, STL-10 in memory), :mod:`.trees` (ImageFolder, ImageNet,
+  Tiny-ImageNet files) and :mod:`.archive` (a tar archive read in place)
+* :mod:`.convert` - ``convert``: a source into ImageFolder / .rec / .beton + manifest.json, over
+  :mod:`.options` (``ConvertOptions``, the record order), :mod:`.encode` (the one pass per split in
+  forked workers) and :mod:`.image` (one image classified, converted and encoded)
 * :mod:`.kernels` - Numba kernels and the one JIT switch ``set_jit_enabled`` of every kernel
 * :mod:`.children` - worker processes that die with their parent; ``ordered_map``, the pool that
   ends with an error naming the item when a worker dies
@@ -30,12 +34,19 @@ __all__ = [
     "BETON_MODE_CHOICES",
     "FORMATS",
     "RAW_MAX_SIDE",
+    "archive",
+    "arrays",
     "beton",
     "children",
     "convert",
+    "encode",
+    "image",
     "kernels",
     "manifest",
+    "options",
     "recordio",
+    "source",
     "sources",
     "synthetic",
+    "trees",
 ]

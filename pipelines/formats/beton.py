@@ -236,11 +236,7 @@ class BetonWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-_JOB: dict[str, Any] = {}  # write_beton's samples and fields, inherited by its forked workers
-
-
-def _encode_index(i: int) -> tuple[bytes, list[bytes], str]:
-    job = _JOB
+def _encode_index(job: dict[str, Any], i: int) -> tuple[bytes, list[bytes], str]:
     try:
         image, label = job["samples"][i]
         image = np.ascontiguousarray(image, dtype=np.uint8)
@@ -290,15 +286,12 @@ def write_beton(
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     fields = beton_fields(mode, max_side, quality, compress_p)
-    _JOB.update(samples=samples, fields=fields, mode=mode, max_side=max_side, seed=seed)
-    try:
-        with BetonWriter(path, fields, n) as writer, contextlib.closing(ordered_map(
-                _encode_index, range(n), num_workers, chunk_size=chunk_size, describe=lambda i: f"sample {i}",
-        )) as results:
-            for i, (row, payloads, note) in enumerate(results):
-                if note:
-                    log.warning("sample %d: %s", i, note)
-                writer.append(row, payloads, f"sample {i}")
-    finally:
-        _JOB.clear()
+    job = {"samples": samples, "fields": fields, "mode": mode, "max_side": max_side, "seed": seed}
+    with BetonWriter(path, fields, n) as writer, contextlib.closing(ordered_map(
+            _encode_index, range(n), num_workers, state=job, chunk_size=chunk_size, describe=lambda i: f"sample {i}",
+    )) as results:
+        for i, (row, payloads, note) in enumerate(results):
+            if note:
+                log.warning("sample %d: %s", i, note)
+            writer.append(row, payloads, f"sample {i}")
     return n

@@ -85,6 +85,7 @@ class WorkerDiedError(RuntimeError):
 
 
 _SLOTS: dict[str, Any] = {}  # in a worker: its slot in the shared "item in progress" array
+_STATES: dict[int, Any] = {}  # the running maps' states by key, set before their workers fork
 
 
 def _worker_start(parent: int, slots: Any, counter: Any, init: Callable[[], None] | None) -> None:
@@ -103,20 +104,20 @@ def _worker_start(parent: int, slots: Any, counter: Any, init: Callable[[], None
         init()
 
 
-def _run_chunk(fn: Callable[[int], Any], items: list[int]) -> list[Any]:
-    slots, slot = _SLOTS["slots"], _SLOTS["slot"]
+def _run_chunk(fn: Callable[[Any, int], Any], key: int, items: list[int]) -> list[Any]:
+    slots, slot, state = _SLOTS["slots"], _SLOTS["slot"], _STATES[key]
     out = []
     for item in items:
         slots[slot] = item
-        out.append(fn(item))
+        out.append(fn(state, item))
     slots[slot] = -1
     return out
 
 
-def ordered_map(fn: Callable[[int], Any], items: Sequence[int], workers: int, *, chunk_size: int = 16,
-                window: int = 4, describe: Callable[[int], str] = str,
+def ordered_map(fn: Callable[[Any, int], Any], items: Sequence[int], workers: int, *, state: Any = None,
+                chunk_size: int = 16, window: int = 4, describe: Callable[[int], str] = str,
                 init: Callable[[], None] | None = None) -> Iterator[Any]:
-    """``fn(item)`` of every item, yielded in ``items``' order, computed by ``workers`` forked processes.
+    """``fn(state, item)`` of every item, yielded in ``items``' order, computed by ``workers`` forked processes.
 
     Unlike ``multiprocessing.Pool.imap``, which waits forever for the result of a worker that was
     killed (out of memory, a crashing decoder), a dead worker ends the map with
@@ -127,7 +128,9 @@ def ordered_map(fn: Callable[[int], Any], items: Sequence[int], workers: int, *,
     so no worker still writes when the caller cleans up.
 
     Args:
-        fn: a module-level function (its inputs come through module state set before the fork).
+        fn: a module-level function (pickled by name for every chunk).
+        state: what ``fn`` works on (a split, the encoders): inherited by the forked workers, never
+            pickled, so it may hold large arrays and open files.
         items: non-negative integers (indices).
         workers: processes; 1 runs ``fn`` in this process.
         chunk_size: items per task.
@@ -137,7 +140,7 @@ def ordered_map(fn: Callable[[int], Any], items: Sequence[int], workers: int, *,
     """
     if workers <= 1 or len(items) < 2:
         for item in items:
-            yield fn(item)
+            yield fn(state, item)
         return
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -147,6 +150,8 @@ def ordered_map(fn: Callable[[int], Any], items: Sequence[int], workers: int, *,
     slots = ctx.Array("q", [-1] * workers, lock=False)
     counter = ctx.Value("i", 0)
     chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size)]
+    key = id(state)
+    _STATES[key] = state  # before the first submit: the pool forks its workers then, and they inherit it
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start,
                                initargs=(os.getpid(), slots, counter, init))
     pending: collections.deque = collections.deque()
@@ -154,7 +159,7 @@ def ordered_map(fn: Callable[[int], Any], items: Sequence[int], workers: int, *,
         nxt = 0
         while nxt < len(chunks) or pending:
             while nxt < len(chunks) and len(pending) < window * workers:
-                pending.append(pool.submit(_run_chunk, fn, chunks[nxt]))
+                pending.append(pool.submit(_run_chunk, fn, key, chunks[nxt]))
                 nxt += 1
             try:
                 results = pending.popleft().result()
@@ -170,3 +175,4 @@ def ordered_map(fn: Callable[[int], Any], items: Sequence[int], workers: int, *,
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        _STATES.pop(key, None)

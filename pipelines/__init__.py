@@ -5,7 +5,9 @@ Every backend yields the same thing, a :class:`Batch` already on the training de
 This package knows nothing about losses or models. Each shared concept lives in one module:
 
 * :mod:`.batch` - ``Batch``, ``Loader``, ``LoaderConfig`` (every option a loader reads)
-* :mod:`.folder` - ImageFolder class listing, RGB loading, the per-epoch sharded order
+* :mod:`.folder` - ImageFolder class listing, RGB loading and why an image does not decode
+* :mod:`.order` - the per-epoch sharded order every backend visits samples in
+* :mod:`.fingerprint` - stored files identified by path, size and mtime (conversion, bad-file cache)
 * :mod:`.samples` - trees / ``.rec`` / ``.beton`` read by index, and the one-time bad-file check
 * :mod:`.spec` - the augmentation recipe; :mod:`.eval` - the eval loader for every layout
 * backends :mod:`.torchvision`, :mod:`.dali`, :mod:`.ffcv`; :mod:`.formats` - the converters
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ressl.config import BACKENDS
+
 from .batch import Batch, Loader, LoaderConfig
 from .spec import RecipeSpec, get_recipe
 
@@ -31,8 +35,6 @@ __all__ = [
     "build_loader",
     "resolve_backend",
 ]
-
-BACKENDS = ("torchvision", "dali", "ffcv")
 
 
 def available_backends() -> dict[str, bool]:

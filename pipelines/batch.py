@@ -12,9 +12,10 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from ressl.config import FFCV_ORDERS
+
 __all__ = ["Batch", "Loader", "LoaderConfig", "FFCV_ORDERS"]
 
-FFCV_ORDERS = ("auto", "random", "quasi_random", "sequential")
 
 
 class Batch(NamedTuple):

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RESUME_CHANGEABLE", "Config", "ConfigError", "RunError", "load_config", "parse_overrides",
-           "read_preset", "resume_changes", "run_tool"]
+__all__ = ["BACKENDS", "FFCV_ORDERS", "RESUME_CHANGEABLE", "Config", "ConfigError", "RunError", "coerce", "load_config",
+           "parse_overrides", "read_preset", "resume_changes", "run_tool"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ class RunError(RuntimeError):
 # Longest run name: it is a directory name (255 bytes on Linux file systems) that also gets a
 # ".replaced-YYYYmmdd-HHMMSS" sibling when a run is overwritten.
 MAX_NAME_BYTES = 200
+# The loader vocabulary a config may name, declared here (the lowest floor) so that the config checks and
+# the pipelines read one list: ressl never imports pipelines.
+BACKENDS = ("torchvision", "dali", "ffcv")  # "auto" picks among them (pipelines.resolve_backend)
+FFCV_ORDERS = ("auto", "random", "quasi_random", "sequential")
 
 
 @dataclass
@@ -130,12 +134,12 @@ class Config:
             errs.append(f"momentum_schedule must be 'constant' or 'cosine', got {self.momentum_schedule!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             errs.append(f"precision must be one of auto/no/bf16/fp16, got {self.precision!r}")
-        if self.ffcv_order not in ("auto", "random", "quasi_random", "sequential"):
-            errs.append(f"ffcv_order must be one of auto/random/quasi_random/sequential, got {self.ffcv_order!r}")
+        if self.ffcv_order not in FFCV_ORDERS:
+            errs.append(f"ffcv_order must be one of {'/'.join(FFCV_ORDERS)}, got {self.ffcv_order!r}")
         if self.ffcv_batches_ahead < 1:
             errs.append(f"ffcv_batches_ahead must be >= 1, got {self.ffcv_batches_ahead}")
-        if self.backend not in ("auto", "torchvision", "dali", "ffcv"):
-            errs.append(f"backend must be one of auto/torchvision/dali/ffcv, got {self.backend!r}")
+        if self.backend not in ("auto", *BACKENDS):
+            errs.append(f"backend must be one of {'/'.join(('auto', *BACKENDS))}, got {self.backend!r}")
         if self.w_rel == 0 and self.w_sim == 0:
             errs.append("w_rel and w_sim are both 0: there is no loss to train")
         if self.batch_size > 0 and self.queue_size % self.batch_size:
@@ -323,7 +327,7 @@ def _field_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in fields(Config)}
 
 
-def _coerce(key: str, value: Any, typ: type, source: str) -> Any:
+def coerce(key: str, value: Any, typ: type, source: str) -> Any:
     """Convert ``value`` to the field's type; strings from the command line are parsed as YAML 1.2."""
     if isinstance(value, str) and typ is not str:
         try:
@@ -423,7 +427,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         if k not in types_:
             known = ", ".join(sorted(set(types_) - {"recipe_overrides"}))
             raise ConfigError(f"{source}: unknown key {k!r} (known keys: {known}, recipe.<view>.<field>)")
-        values[k] = _coerce(k, v, types_[k], source)
+        values[k] = coerce(k, v, types_[k], source)
         return values[k]
 
     apply_sources(path, overrides, put)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ressl.config import ConfigError, _coerce, apply_sources, resume_changes
+from ressl.config import ConfigError, apply_sources, coerce, resume_changes
 
 __all__ = ["GraphConfig", "RESUME_CHANGEABLE", "graph_resume_changes", "load_graph_config"]
 
@@ -139,7 +139,7 @@ def load_graph_config(path: str | Path | None = None,
     def put(k: Any, v: Any, source: str) -> Any:
         if k not in types_:
             raise ConfigError(f"{source}: unknown key {k!r} (known keys: {', '.join(sorted(types_))})")
-        values[k] = _coerce(k, v, types_[k], source)
+        values[k] = coerce(k, v, types_[k], source)
         return values[k]
 
     apply_sources(path, overrides, put)

@@ -46,7 +46,7 @@ import torch
 from accelerate.utils import set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # each variant runs tools/train.py's and tools/eval.py's main
 
 import eval as eval_tool  # noqa: E402  (tools/eval.py)
 import train  # noqa: E402  (tools/train.py)

@@ -30,7 +30,7 @@ differs in the last grey level. The blur window is the 3-sigma one (at most the 
 < 0.3% of the kernel's mass per axis and costs 5x less than 23 taps.
 
 Reading, order and resume. The pipeline's input is an index-driven ``fn.external_source``: batch
-``b`` of epoch ``e`` is the samples :func:`pipelines.folder.epoch_order` gives this rank (one global
+``b`` of epoch ``e`` is the samples :func:`pipelines.order.epoch_order` gives this rank (one global
 permutation per (seed, epoch), dealt as ``DistributedSampler`` deals it), read by index from an
 ImageFolder tree or from a ``.rec`` at the ``.idx`` offsets (:mod:`pipelines.samples`). So every
 format gets class-mixed batches and a fresh order each epoch (``readers.mxnet`` could only shard

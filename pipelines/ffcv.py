@@ -194,7 +194,7 @@ class SampleIndex(Operation):
 class _ShardedOrder(TraversalOrder):
     """Epoch order of this process's samples; ``skip`` drops the first samples (mid-epoch resume).
 
-    ``random``/``sequential``: :func:`pipelines.folder.epoch_order` over the loader's ``indices`` (the
+    ``random``/``sequential``: :func:`pipelines.order.epoch_order` over the loader's ``indices`` (the
     samples that decode), the order every backend uses: one permutation per (seed, epoch), dealt as
     ``DistributedSampler`` deals it — every sample once per epoch across ranks, equal counts per rank.
     ``quasi_random``: FFCV's page-aware order (single process only).

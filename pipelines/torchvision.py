@@ -141,7 +141,7 @@ class ViewsDataset(Dataset):
 
 
 class ShardSampler(Sampler):
-    """Batches of :func:`pipelines.folder.epoch_order` (the order every backend uses), resumable at a batch.
+    """Batches of :func:`pipelines.order.epoch_order` (the order every backend uses), resumable at a batch.
 
     Yields lists of (index, epoch) keys: with the dataset's seed, each sample's augmentation is a pure
     function of (seed, epoch, index).

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ressl.models import BACKBONES, Predictor, ProjectionHead, build_backbone, build_model, check_backbone_name
+from ressl.splitbn import SplitBatchNorm2d, bn_splits, convert_split_batchnorm
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -19,6 +20,31 @@ def test_registry_backbone_is_headless_with_discovered_width(name):
     assert not any(isinstance(m, torch.nn.Dropout) for m in net.modules())  # classifier dropout removed too
     full = build_model(name)
     assert set(net.state_dict()) <= set(full.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_registry_backbone_takes_split_batchnorm_with_the_plain_state_dict(name):
+    """Every BatchNorm becomes a split layer, the torchvision-built model loads the result (strict), and a
+    training forward with 2 splits equals plain forwards of the two groups (rows 0, 2, ... and 1, 3, ...)."""
+    torch.manual_seed(0)
+    full = build_model(name)
+    shapes = {k: v.shape for k, v in full.state_dict().items()}
+    convert_split_batchnorm(full)
+    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in full.modules())
+    assert {k: v.shape for k, v in full.state_dict().items()} == shapes
+    build_model(name).load_state_dict(full.state_dict())
+    net, _ = build_backbone(name)
+    convert_split_batchnorm(net).double()  # float64: BN over 4 images at 1x1 is ill-conditioned in float32
+    net.eval()  # stochastic depth off; BatchNorm alone in training mode
+    for m in net.modules():
+        if isinstance(m, SplitBatchNorm2d):
+            m.train()
+    a, b = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randn(4, 3, 16, 16, dtype=torch.float64) * 2 + 1
+    with torch.no_grad():
+        with bn_splits(net, 2):
+            y = net(torch.stack([a, b], dim=1).flatten(0, 1))
+        torch.testing.assert_close(y[0::2], net(a), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(y[1::2], net(b), rtol=1e-9, atol=1e-9)
 
 
 def test_cifar_stem_keeps_resolution():

@@ -54,6 +54,7 @@ def test_training_forward_backward_and_running_stats_match_per_group_batchnorm(b
     with bn_splits(split, g):
         out = split(x_new)
     assert torch.allclose(out, ref, atol=1e-10)
+    assert not out._is_view()  # an in-place ReLU after it must not make autograd copy the gradient
     assert not torch.allclose(out, F.batch_norm(x, None, None, plain.weight, plain.bias, True), atol=1e-3)
     (ref * upstream).sum().backward()
     (out * upstream).sum().backward()

@@ -256,6 +256,8 @@ def ensure_small(num_images: int = 2048, seed: int = 0, side: int = SMALL_SIDE,
     images = small_images(num_images, side, seed)
     labels = np.arange(num_images, dtype=np.int64) % NUM_CLASSES
     name = f"raw{side}-n{num_images}-s{seed}"
+    # "generator" keeps the module's former path: it is part of the source fingerprint, and a new label
+    # would rebuild every cached set.
     info = {"generator": "tools/_benchdata.py small_images", "generator_version": SMALL_GENERATOR_VERSION,
             "num_images": num_images, "seed": seed, "side": side, "num_classes": NUM_CLASSES,
             "sha256": hashlib.sha256(images.tobytes()).hexdigest(), "bytes": images.nbytes}

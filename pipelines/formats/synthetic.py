@@ -4,7 +4,7 @@
 smooth random colour fields plus per-pixel noise, JPEG-encoded by Pillow at :data:`QUALITY`, about
 75 KB at ~500x375 -- close enough to ImageNet photos (~110 KB) that decode cost is realistic, and not
 trivially compressible (a flat image would decode several times faster than a photo). The loader
-benchmark (``tools/_benchdata.py``) caches them as its dataset; the conversion benchmark
+benchmark (``harness/benchdata.py``) caches them as its dataset; the conversion benchmark
 (:mod:`.bench`) writes a tree of them with :func:`make_jpeg_tree`.
 """
 

@@ -9,7 +9,7 @@ One training step, as the loop drives it::
 The queue is written only in :meth:`ReSSL.update`, after the backward pass, because autograd saved
 the queue tensor for the student logits; writing it in ``forward`` would corrupt the gradient.
 Variants are switches of the same module: the TPAMI predictor (student only) and InfoNCE warm-up,
-the seed-004 instance term (``w_sim``) and multi-crop (any number of strong views).
+the instance-similarity term (``w_sim``) and multi-crop (any number of strong views).
 Shuffle-BN (``shuffle_bn_splits``) happens inside the split BatchNorm layers of :mod:`ressl.splitbn`:
 each encoder runs once per step and resolution, its BN statistics taken per group of rows.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,6 +74,13 @@ def _interleave(x: Tensor, groups: int) -> Tensor:
     ``_interleave(_interleave(x, g), len(x) // g)`` is ``x``.
     """
     return x.reshape(groups, x.shape[0] // groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+
+
+def _term(weight: float, loss_fn: Callable[..., Tensor], *args: Tensor | float) -> Tensor:
+    """``loss_fn(*args)``, with autograd only when ``weight > 0``: a zero-weight term is measured for the
+    log (its value shows where a run stands) but adds nothing to the loss nor to the backward graph."""
+    with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+        return loss_fn(*args)
 
 
 def _world() -> tuple[int, int]:
@@ -272,8 +280,9 @@ class ReSSL(nn.Module):
                 ``w_rel * ((1 - a) * relation + a * infonce) + w_sim * similarity``, averaged over views.
 
         Returns:
-            ``(loss, {"loss", "loss_rel", "loss_nce", "loss_sim"})``; the teacher keys of ``weak`` are kept
-            for :meth:`update`. Terms with zero weight are computed without gradient, for the log only.
+            ``(loss, {"loss", "loss_rel", "loss_nce", "loss_sim", "key_std"})``; the teacher keys of ``weak``
+            are kept for :meth:`update`. Terms with zero weight are left out of the loss and computed without
+            gradient, for the log only.
         """
         if not strong:
             raise ValueError("ReSSL.forward needs at least one strong view")
@@ -284,29 +293,23 @@ class ReSSL(nn.Module):
                 raise ValueError(f"strong view {i} has batch {v.shape[0]}, the weak view {weak.shape[0]}")
         self._log_switch(infonce_weight)
         with torch.no_grad():
-            k = F.normalize(self._embed_teacher(weak).float(), dim=1)
-        self._keys = k
+            k = F.normalize(self._embed_teacher(weak).float(), dim=1)  # [B, D] unit teacher keys
+        self._keys = k  # enqueued by update(), after the backward pass
         bank = self.queue.buffer
-        w_rel_term = self.w_rel * (1.0 - infonce_weight)
-        w_nce_term = self.w_rel * infonce_weight
-        terms = {"loss_rel": (w_rel_term, lambda q, p: relation_loss(q, k, bank, self.tau_s, self.tau_t)),
-                 "loss_nce": (w_nce_term, lambda q, p: infonce_loss(q, k, bank, self.infonce_tau)),
-                 "loss_sim": (self.w_sim, lambda q, p: similarity_loss(p, k))}
+        w_rel = self.w_rel * (1.0 - infonce_weight)  # the relation loss takes over from the InfoNCE warm-up
+        w_nce = self.w_rel * infonce_weight
         total: Tensor | None = None
-        logged = {name: torch.zeros((), device=k.device) for name in terms}
+        logged = {name: torch.zeros((), device=k.device) for name in ("loss_rel", "loss_nce", "loss_sim")}
         outs = self._embed_student(strong)
-        for p in outs:
+        for p in outs:  # each student view against the one weak view
             q = F.normalize(p.float(), dim=1)
-            view_loss: Tensor | None = None
-            for name, (weight, fn) in terms.items():
-                if weight > 0:
-                    value = fn(q, p)
-                    view_loss = weight * value if view_loss is None else view_loss + weight * value
-                else:
-                    with torch.no_grad():
-                        value = fn(q, p)
-                logged[name] = logged[name] + value.detach()
+            rel = _term(w_rel, relation_loss, q, k, bank, self.tau_s, self.tau_t)  # ReSSL: relations to the queue
+            nce = _term(w_nce, infonce_loss, q, k, bank, self.infonce_tau)  # TPAMI warm-up: k positive, queue negatives
+            sim = _term(self.w_sim, similarity_loss, p, k)  # instance similarity 2 - 2 cos(p, k)
+            view_loss = sum(w * v for w, v in ((w_rel, rel), (w_nce, nce), (self.w_sim, sim)) if w > 0)
             total = view_loss if total is None else total + view_loss
+            for name, v in (("loss_rel", rel), ("loss_nce", nce), ("loss_sim", sim)):
+                logged[name] = logged[name] + v.detach()
         n = len(outs)
         loss = total / n if n > 1 else total
         metrics = {"loss": loss.detach(), **{name: v / n for name, v in logged.items()},

@@ -1,4 +1,5 @@
-"""The GPU check's report: pytest's JUnit rows, the Markdown tables, the atomic write of both files.
+"""The GPU check's report: pytest's JUnit rows, the training run's loss, the Markdown tables, the atomic
+write of both files.
 
 Throughput has one unit in every table, **images/s**: stored images (dataset samples) per second, each
 turned into one weak + n strong views (the bench's ``images_per_s``; training's logged rate counts
@@ -7,6 +8,7 @@ views and is divided by 1 + n here).
 
 from __future__ import annotations
 
+import csv
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -14,7 +16,12 @@ from typing import Any
 
 from ressl.io import atomic_write_bytes
 
-__all__ = ["UNIT", "UNIT_NOTE", "format_markdown", "junit_rows", "write_report"]
+from .gpuplan import Plan
+
+__all__ = ["SCHEMA_VERSION", "UNIT", "UNIT_NOTE", "earlier_report", "format_markdown", "junit_rows", "loss_falling",
+           "loss_trend", "write_report"]
+
+SCHEMA_VERSION = 2  # of gpucheck.json; --append keeps an earlier report only of the same version
 
 UNIT = "images/s"
 UNIT_NOTE = ("images/s = stored images (samples) per second; each gives one weak + n strong views "
@@ -37,6 +44,47 @@ def junit_rows(path: Path) -> list[dict[str, str]]:
         name = f"{case.get('classname', '')}::{case.get('name', '')}".lstrip(":")
         rows.append({"test": name, "outcome": outcome, "message": message})
     return rows
+
+
+def loss_falling(csv_path: Path, after_step: int) -> bool:
+    """Whether the logged loss falls once the queue has been refilled: the mean of the last few logged
+    values below that of the first few logged after ``after_step``.
+
+    The first queue_size / batch steps replace the queue's random initial keys with real ones, and the
+    relation loss's targets change meaning with them (it rises there); the check starts after that.
+    """
+    with open(csv_path, newline="") as f:
+        pts = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss") and int(r["step"]) > after_step]
+    k = min(3, len(pts) // 2)
+    return k > 0 and sum(pts[-k:]) / k < sum(pts[:k]) / k
+
+
+def loss_trend(csv_path: Path) -> dict[str, tuple[float, float]]:
+    """First and last logged value of each loss column of a run's metrics.csv (the total and its terms)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for k in ("loss", "loss_rel", "loss_nce", "loss_sim"):
+        vals = [float(r[k]) for r in rows if r.get(k)]
+        if vals and any(vals):
+            out[k] = (vals[0], vals[-1])
+    return out
+
+
+def earlier_report(out: Path, plan: Plan, selected: list[str]) -> dict[str, Any] | None:
+    """The report of an earlier call in ``out`` (same plan), without the steps this call runs again."""
+    try:
+        old = json.loads((out / "gpucheck.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if old.get("kind") != "gpucheck" or old.get("plan") != plan.name or old.get("schema") != SCHEMA_VERSION:
+        return None
+    old["steps"] = [s for s in old["steps"] if s["step"] not in selected]
+    old["results"] = [r for r in old.get("results", []) if r.get("step") not in selected]
+    for name, key in (("tests", "tests"), ("train", "train")):
+        if name in selected:
+            old.pop(key, None)
+    return old
 
 
 def _num(v: float | None, fmt: str = ",.0f") -> str:

@@ -12,16 +12,11 @@ from typing import Any
 import psutil
 import torch
 
+from pipelines.formats.options import all_cores as cores  # the cores this process may run on
+
 __all__ = ["cores", "machine_info"]
 
 _ROOT = Path(__file__).resolve().parent.parent
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _cpu_name() -> str:

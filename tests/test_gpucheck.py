@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import gpucheck  # noqa: E402
 
 from harness import gpuhost as _gpuhost  # noqa: E402
+from harness import gpureport  # noqa: E402
 
 
 def test_help_says_how_to_carry_the_wheels_and_that_their_rows_skip_otherwise(capsys):
@@ -309,4 +310,4 @@ def test_loss_falling_is_read_after_the_queue_refill(tmp_path, losses, want):
     path = tmp_path / "metrics.csv"
     path.write_text("step,loss,knn_top1\n" + "".join(f"{10 * (i + 1)},{x},\n" for i, x in enumerate(losses))
                     + "70,,12.5\n")
-    assert gpucheck._falling(path, after_step=30) is want
+    assert gpureport.loss_falling(path, after_step=30) is want

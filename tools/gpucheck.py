@@ -47,12 +47,27 @@ TOOLS = ROOT / "tools"
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from harness.gpuhost import LAUNCH, Outcome, c_compiler, install_wheelhouse, loader_workers, nvidia_smi, run_command  # noqa: E402,F401,E501
+from harness.gpuhost import (  # noqa: E402
+    LAUNCH,
+    Outcome,
+    c_compiler,
+    install_wheelhouse,
+    loader_workers,
+    nvidia_smi,
+    run_command,
+)
 from harness.gpuhost import find_module as _find  # noqa: E402
 from harness.gpuplan import DEVICE_HELP, OPTIONAL, PLANS, STEPS, VIEWS, Plan, quick  # noqa: E402
-from harness.gpureport import UNIT, format_markdown, junit_rows, write_report  # noqa: E402
-
-SCHEMA_VERSION = 2
+from harness.gpureport import (  # noqa: E402
+    SCHEMA_VERSION,
+    UNIT,
+    earlier_report,
+    format_markdown,
+    junit_rows,
+    loss_falling,
+    loss_trend,
+    write_report,
+)
 
 __all__ = ["PLANS", "STEPS", "Plan", "build_parser", "format_markdown", "main", "run_command", "run_plan"]
 
@@ -305,35 +320,6 @@ def _train_cmd(ctx: Context, data: str, max_steps: int) -> list[str]:
             *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in cfg.items())]
 
 
-def _falling(csv_path: Path, after_step: int) -> bool:
-    """Whether the logged loss falls once the queue has been refilled: the mean of the last few logged
-    values below that of the first few logged after ``after_step``.
-
-    The first queue_size / batch steps replace the queue's random initial keys with real ones, and the
-    relation loss's targets change meaning with them (it rises there); the check starts after that.
-    """
-    import csv
-
-    with open(csv_path, newline="") as f:
-        pts = [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss") and int(r["step"]) > after_step]
-    k = min(3, len(pts) // 2)
-    return k > 0 and sum(pts[-k:]) / k < sum(pts[:k]) / k
-
-
-def _trend(csv_path: Path) -> dict[str, tuple[float, float]]:
-    """First and last logged value of each loss column of a run's metrics.csv (the total and its terms)."""
-    import csv
-
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = {}
-    for k in ("loss", "loss_rel", "loss_nce", "loss_sim"):
-        vals = [float(r[k]) for r in rows if r.get(k)]
-        if vals and any(vals):
-            out[k] = (vals[0], vals[-1])
-    return out
-
-
 def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
     """tools/train.py on the bench set: ``train_steps`` steps, checks, then a resume for ``resume_steps`` more."""
     end = time.perf_counter() + timeout
@@ -367,10 +353,10 @@ def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
                 seconds=round(first.seconds, 1), workers=ctx.host()["train_workers"])
     refill = ctx.plan.train["queue_size"] // ctx.plan.train["batch_size"]
     checks = {"finite": bool(losses) and all(math.isfinite(x) for x in losses),
-              "falling": _falling(run_dir / "metrics.csv", refill),
+              "falling": loss_falling(run_dir / "metrics.csv", refill),
               "checkpoint": (run_dir / "last.pt").is_file() and s1["steps"] == n1}
     info["falling_after_step"] = refill
-    info["trend"] = _trend(run_dir / "metrics.csv")
+    info["trend"] = loss_trend(run_dir / "metrics.csv")
     second = run_command(_train_cmd(ctx, data, n2), timeout=max(1.0, end - time.perf_counter()),
                          log=ctx.out / "logs" / "train-resume.log", env=ctx.plan.env)
     if second.status == "ok":
@@ -407,22 +393,6 @@ STEP_FUNCS: dict[str, tuple[str, Callable[[Context, float], dict[str, Any]]]] = 
 }
 
 
-def _earlier(out: Path, plan: Plan, selected: list[str]) -> dict[str, Any] | None:
-    """The report of an earlier call in ``out`` (same plan), without the steps this call runs again."""
-    try:
-        old = json.loads((out / "gpucheck.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if old.get("kind") != "gpucheck" or old.get("plan") != plan.name or old.get("schema") != SCHEMA_VERSION:
-        return None
-    old["steps"] = [s for s in old["steps"] if s["step"] not in selected]
-    old["results"] = [r for r in old.get("results", []) if r.get("step") not in selected]
-    for name, key in (("tests", "tests"), ("train", "train")):
-        if name in selected:
-            old.pop(key, None)
-    return old
-
-
 def run_plan(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """Run the selected steps of ``plan`` within ``args.budget_s``; returns the report (also written)."""
     t0 = time.perf_counter()
@@ -435,7 +405,7 @@ def run_plan(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         "plan": plan.name, "budget_s": args.budget_s, "machine": None,
         "args": {k: v for k, v in vars(args).items()}, "steps": [], "results": [],
     }
-    earlier = _earlier(out, plan, selected) if getattr(args, "append", False) else None
+    earlier = earlier_report(out, plan, selected) if getattr(args, "append", False) else None
     if earlier:
         report.update({k: v for k, v in earlier.items() if k not in ("date", "args", "budget_s")})
         report["calls"] = earlier.get("calls", 1) + 1

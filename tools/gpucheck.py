@@ -249,8 +249,6 @@ def step_compile(ctx: Context, timeout: float) -> dict[str, Any]:
     return _model_rows(ctx, "compile", ctx.plan.compile_rows, timeout)
 
 
-_IMPORT = {"torchvision": "torchvision", "dali": "nvidia.dali", "ffcv": "ffcv"}
-
 def _cuda_test_files() -> list[str]:
     """The test files holding a ``cuda`` mark: collecting only these saves importing the whole suite."""
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
@@ -262,8 +260,11 @@ def _loader_step(ctx: Context, timeout: float, step: str, modes: str) -> dict[st
     shared evenly; a backend that is not importable gets a skipped row without starting anything.
     torchvision's DataLoader workers are cut to what /dev/shm holds (see the env step)."""
     end = time.perf_counter() + timeout
-    names = list(_IMPORT) if ctx.plan.backends == "all" else ctx.plan.backends.split(",")
-    todo = [b for b in names if _find(_IMPORT[b])]
+    from pipelines import BACKENDS, available_backends
+
+    names = list(BACKENDS) if ctx.plan.backends == "all" else ctx.plan.backends.split(",")
+    importable = available_backends()
+    todo = [b for b in names if importable[b]]
     mode = "loader" if modes == "loader" else "end_to_end"
     notes, statuses, tails = [], [], []
     for b in names:

@@ -1,49 +1,214 @@
-"""Run infrastructure shared by the training tools: checkpoints, CSV/TensorBoard log, curves, lock.
+"""The scaffolding both trainers share: run directory, lock, resume lookup, checkpoints, RNG state,
+summary and command line.
 
-Nothing here knows the method or the data; ``tools/train.py`` and ``tools/train_graph.py`` pass their
-own metric columns, plot keys and checkpoint contents.
+A run lives in ``OUT_DIR/NAME/``. :func:`open_run` prepares it (a fresh start over earlier outputs is
+refused, or moves them aside with ``overwrite``), holds its lock and removes temp files a killed run
+left; :func:`find_checkpoint` / :func:`read_checkpoint` / :func:`check_resume_config` find, read and
+vet the checkpoint to resume; :func:`rng_state` / :func:`restore_rng` carry the CPU and CUDA generators
+through it; :func:`finish_run` writes the summary and the curves. Nothing here knows the method or the
+data: ``tools/train.py`` and ``tools/train_graph.py`` pass their own config, columns and checkpoint
+contents. The metrics record is :mod:`ressl.runlog`.
 """
 
 from __future__ import annotations
 
-import csv
+import argparse
+import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from .config import ConfigError, RunError
-from .io import atomic_open, fsync_dir
+from .io import atomic_open, atomic_write_json, fsync_dir, remove_stale_temps
+from .runlog import RunLog, plot_curves
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TRAIN_FIELDS",
     "NonFiniteLossError",
+    "RunConfig",
     "RunLock",
     "RunLockedError",
-    "RunLog",
+    "check_resume_config",
+    "find_checkpoint",
+    "finish_run",
     "load_optimizer_state",
     "move_run_aside",
-    "plot_curves",
+    "open_run",
+    "parse_cli",
+    "read_checkpoint",
+    "restore_rng",
+    "rng_state",
     "run_outputs",
     "save_checkpoint",
 ]
 
-# Columns of tools/train.py's metrics.csv (another tool passes its own list to RunLog).
-TRAIN_FIELDS = ("step", "epoch", "loss", "loss_rel", "loss_nce", "loss_sim", "key_std", "lr", "momentum",
-                "infonce_weight", "images_per_s", "knn_top1")
+
+class RunConfig(Protocol):
+    """What the scaffolding reads of a trainer's config (``ressl.config.Config``, ``GraphConfig``)."""
+
+    name: str
+    out_dir: str
+    resume: str
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
+C = TypeVar("C")
+
+
+# ---------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------
+def parse_cli(doc: str | None, load: Callable[[str | None, list[str]], C], config_help: str,
+              argv: list[str] | None = None) -> C:
+    """``--config PRESET key=value ...`` of a trainer, read by ``load(preset, overrides)``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=config_help)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of any config key")
+    a = p.parse_args(argv)
+    return load(a.config, a.overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# run directory
+# ---------------------------------------------------------------------------------------------------
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, is_main: bool, overwrite: bool | None) -> list[str]:
+    """Check that ``run_dir`` can be used, create it (main process); returns the earlier outputs that a
+    fresh start with ``overwrite=true`` moves aside. A fresh start over outputs without it is refused;
+    ``overwrite`` None (a trainer without that key) lets a fresh start write over them in place."""
+    earlier = run_outputs(run_dir) if overwrite is not None and cfg.resume == "no" and run_dir.is_dir() else []
+    if earlier and not overwrite:
+        summary = run_dir / "summary.json"
+        finished = ""
+        if summary.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                finished = f"; a finished run of {json.loads(summary.read_text()).get('steps')} steps"
+        raise ConfigError(
+            f"run {cfg.name!r} already has outputs in {run_dir} ({', '.join(earlier)}{finished}): resume=no would "
+            f"replace some and leave the others stale. Start fresh under another name (name={cfg.name}-2), or add "
+            f"overwrite=true to move the old outputs to {run_dir}.replaced-<date>/ first, or drop resume=no to "
+            "continue the run")
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out_dir={cfg.out_dir!r}, name={cfg.name!r}: cannot create the run directory "
+                              f"{run_dir}: {e.strerror or e}") from None
+    return earlier
+
+
+@contextlib.contextmanager
+def open_run(cfg: RunConfig, *, overwrite: bool | None, is_main: bool = True,
+             barrier: Callable[[], None] = lambda: None) -> Iterator[Path]:
+    """Hold ``OUT_DIR/NAME/`` for the run: prepared (:func:`prepare_run_dir`), locked by the main process
+    until the block ends (released on any exit, dropped by the kernel if the process is killed), earlier
+    outputs moved aside under the lock (``resume=no overwrite=true``), temp files of a killed save
+    removed; then ``barrier()`` (every process waits for the main one). Yields the run directory."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    earlier = prepare_run_dir(cfg, run_dir, is_main, overwrite)
+    with RunLock(run_dir) if is_main else contextlib.nullcontext():
+        if is_main:
+            if earlier:
+                log.warning("overwrite=true: moved the earlier outputs of %s to %s", run_dir, move_run_aside(run_dir))
+            for p in remove_stale_temps(run_dir):  # e.g. the temp file of a checkpoint save that was killed
+                log.info("removed %s, left by an interrupted run", p)
+        barrier()
+        yield run_dir
+
+
+def finish_run(run_dir: Path, runlog: RunLog, summary: dict[str, Any], curves: Sequence[str]) -> None:
+    """Close the metrics record, draw ``curves.png`` and write ``summary.json`` (main process)."""
+    runlog.close()
+    plot_curves(runlog.csv_path, run_dir / "curves.png", curves)
+    atomic_write_json(run_dir / "summary.json", summary)
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume
+# ---------------------------------------------------------------------------------------------------
+def find_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
+    """The checkpoint this run resumes from (``resume=auto``: ``last.pt`` if there is one; a path), or None
+    for a fresh start."""
+    if cfg.resume == "no":
+        return None
+    if cfg.resume == "auto":
+        path = run_dir / "last.pt"
+        return path if path.exists() else None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file (use auto, no, or a last.pt path)")
+    return path
+
+
+def read_checkpoint(path: Path, required: Sequence[str]) -> dict[str, Any]:
+    """The checkpoint to resume from, read with ``weights_only=True``; it must hold the ``required`` keys.
+
+    A file that is not one is a ConfigError that says what it is, in the words of
+    ``ressl.eval.load_checkpoint`` (tools/eval.py's reader), which is asked only when the file fails here.
+    """
+    from .eval import load_checkpoint
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - the reader below re-reads the file and says what it is
+        load_checkpoint(path)
+        raise
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        names = ", ".join(repr(k) for k in list(state)[:3])
+        raise ConfigError(f"{path} is not a trainer checkpoint: it is a bare state_dict of {len(state)} tensors "
+                          f"({names}, ...), weights only (as tools/export.py or torchvision write them), without "
+                          "the optimiser, step and config a run resumes from; start this run with resume=no")
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        load_checkpoint(path)  # not a trainer checkpoint at all: its message says what the file holds
+        raise ConfigError(f"{path} is a trainer checkpoint without {missing}, which resuming needs")
+    return state
+
+
+def check_resume_config(changes: tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]], path: Path) -> None:
+    """Refuse a resume whose config differs in a key that cannot change; log the changes that apply.
+
+    Args:
+        changes: ``(applied, refused)`` of ``ressl.config.resume_changes`` (or the graph config's).
+        path: the checkpoint, named in the message.
+    """
+    applied, refused = changes
+    if refused:
+        lines = "\n  ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
+        raise ConfigError(f"cannot resume {path}: these keys differ from the checkpoint's config and cannot change "
+                          f"mid-run:\n  {lines}\nPut them back, or start a new run (another name=, or resume=no).")
+    for k, (old, new) in applied.items():
+        log.info("resume: %s changed %r -> %r (applied)", k, old, new)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The global generators a checkpoint carries: ``rng_cpu``, and ``rng_cuda`` (this device's) on a GPU."""
+    state = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back the generators of :func:`rng_state`, so a resumed run draws what an unbroken one would."""
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------
 class NonFiniteLossError(RunError):
     """Training produced a NaN or inf loss; the run stops before saving anything from that state."""
 
@@ -125,129 +290,9 @@ def move_run_aside(run_dir: Path) -> Path:
     return dest
 
 
-def plot_curves(csv_path: Path, png_path: Path, keys: Sequence[str] | None = None) -> None:
-    """One panel per metric against the step, in a grid of up to four columns.
-
-    Args:
-        csv_path: a ``metrics.csv`` written by :class:`RunLog` (needs a ``step`` column).
-        png_path: output, written atomically.
-        keys: columns to plot, in order; None = every column but ``step`` and ``epoch``. Columns with no
-            value in any row are left out. Sparse columns (values in under half the rows, e.g. a kNN
-            monitor run once per epoch) are drawn with markers so single points stay visible.
-    """
-    try:
-        import matplotlib
-    except ImportError:  # optional (a bare GPU machine may lack it): metrics.csv holds the same numbers
-        logging.getLogger(__name__).warning("matplotlib is not installed: %s not drawn", png_path)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path) as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = [c for c in (reader.fieldnames or []) if c not in ("step", "epoch")]
-    if not rows:
-        return
-    keys = [k for k in (columns if keys is None else keys) if any(r.get(k) for r in rows)]
-    if not keys:
-        return
-    ncols = min(4, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.8 * nrows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.set_visible(False)
-    for ax, k in zip(axes.flat, keys):
-        pts = [(int(r["step"]), float(r[k])) for r in rows if r.get(k)]
-        sparse = len(pts) < 0.5 * len(rows)
-        ax.plot(*zip(*pts), marker="o" if sparse else None, markersize=3)
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_open(png_path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
-class RunLog:
-    """``metrics.csv`` + TensorBoard rows, written by the main process only.
-
-    On resume the CSV keeps only the rows written before the checkpoint (``keep_rows``, the row count the
-    checkpoint recorded; or, for a checkpoint without it, the rows up to ``resume_step``), so replayed
-    steps are never logged twice; TensorBoard is told to purge its events after ``resume_step``.
-
-    Args:
-        run_dir: directory of the run; the CSV is ``run_dir/metrics.csv``, events go to ``run_dir/tb``.
-        enabled: False on every process but the main one (then every call is a no-op).
-        resume_step: the checkpoint's step when resuming, None for a fresh run (the CSV is rewritten).
-        keep_rows: number of data rows the CSV held when the checkpoint was written.
-        fields: CSV columns; the first must be ``step``. Values for other keys are dropped from the CSV.
-        eval_keys: keys logged under ``eval/`` in TensorBoard (the rest under ``train/``).
-    """
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None, keep_rows: int | None = None,
-                 fields: Sequence[str] = TRAIN_FIELDS, eval_keys: Sequence[str] = ("knn_top1",)):
-        if not fields or fields[0] != "step":
-            raise ValueError(f"RunLog fields must start with 'step', got {list(fields)}")
-        self.enabled = enabled
-        self.csv_path = run_dir / "metrics.csv"
-        self.fields = list(fields)
-        self.eval_keys = set(eval_keys)
-        self.rows = 0  # data rows in the CSV (stored in checkpoints as the resume point)
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # optional (a bare GPU machine may lack it): metrics.csv is the record
-            logging.getLogger(__name__).warning("tensorboard is not installed: logging to %s only", self.csv_path)
-            SummaryWriter = None
-
-        kept: list[dict[str, str]] = []
-        if resume_step is not None and self.csv_path.exists():
-            with open(self.csv_path, newline="") as f:
-                old = list(csv.DictReader(f))
-            if keep_rows is not None:
-                kept = old[:keep_rows]
-            else:
-                kept = [r for r in old if r.get("step") and int(r["step"]) <= resume_step]
-        self.tb = None if SummaryWriter is None else SummaryWriter(
-            str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
-        with atomic_open(self.csv_path) as f:  # the kept prefix, rewritten whole: a kill here loses nothing
-            text = _csv_text(self.fields, kept)
-            f.write(text.encode())
-        self.rows = len(kept)
-        self.f = open(self.csv_path, "a", newline="")
-        self.w = csv.DictWriter(self.f, fieldnames=self.fields, extrasaction="ignore")
-
-    def row(self, step: int, **values: float | None) -> None:
-        """Append one row (missing columns stay empty) and the same scalars to TensorBoard."""
-        if not self.enabled:
-            return
-        self.w.writerow({"step": step, **values})
-        self.f.flush()
-        self.rows += 1
-        for k, v in values.items():
-            if k != "epoch" and v is not None and self.tb is not None:
-                self.tb.add_scalar(f"eval/{k}" if k in self.eval_keys else f"train/{k}", v, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.f.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _csv_text(fields: Sequence[str], rows: list[dict[str, str]]) -> str:
-    import io
-
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
-
-
+# ---------------------------------------------------------------------------------------------------
+# lock
+# ---------------------------------------------------------------------------------------------------
 class RunLockedError(ConfigError):
     """Another live run holds the run directory (same ``name`` and ``out_dir``)."""
 

@@ -396,7 +396,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["acc_after"] == full["acc_after"]
-    with pytest.raises(ConfigError, match="tau_t 0.01 -> 0.5"):
+    with pytest.raises(ConfigError, match="tau_t: 0.01 in the checkpoint, 0.5 now"):
         train_graph.main(_karate_cfg(tmp_path, "name=cut", "tau_t=0.5", "epochs=9"))
 
 

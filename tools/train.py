@@ -36,8 +36,6 @@ finished); 2 stopped with a message alone (a bad config, data or path, a NaN/inf
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import logging
 import math
@@ -58,21 +56,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipelines import build_loader  # noqa: E402
 from pipelines.eval import build_eval_loader, eval_problem  # noqa: E402
 from pipelines.spec import RecipeError, RecipeSpec, resolve_recipe  # noqa: E402
-from ressl.config import Config, ConfigError, RunError, load_config, resume_changes, run_tool  # noqa: E402
-from ressl.eval import extract_features, knn_accuracy, load_checkpoint  # noqa: E402
-from ressl.io import atomic_write_json, remove_stale_temps  # noqa: E402
+from ressl.config import Config, ConfigError, load_config, resume_changes, run_tool  # noqa: E402
+from ressl.eval import extract_features, knn_accuracy  # noqa: E402
 from ressl.method import ReSSL  # noqa: E402
 from ressl.monitor import CollapseMonitor  # noqa: E402
 from ressl.run import (  # noqa: E402
     NonFiniteLossError,
-    RunLock,
-    RunLog,
+    check_resume_config,
+    find_checkpoint,
+    finish_run,
     load_optimizer_state,
-    move_run_aside,
-    plot_curves,
-    run_outputs,
+    open_run,
+    parse_cli,
+    read_checkpoint,
+    restore_rng,
+    rng_state,
     save_checkpoint,
 )
+from ressl.runlog import RunLog  # noqa: E402
 from ressl.schedule import Schedule  # noqa: E402
 from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision  # noqa: E402
 
@@ -114,7 +115,7 @@ def knn_monitor(cfg: Config, spec: RecipeSpec, backbone: torch.nn.Module, device
 
 
 # ---------------------------------------------------------------------------------------------------
-# helpers: recipe, run directory, resume, NaN advice
+# checks before any work, NaN advice
 # ---------------------------------------------------------------------------------------------------
 def resolve_spec(cfg: Config) -> RecipeSpec:
     """The run's recipe (preset + ``recipe.*`` overrides), looked up once; a bad one is a ConfigError."""
@@ -143,75 +144,6 @@ def check_view_memory(cfg: Config, spec: RecipeSpec, device: torch.device, num_p
                           "largest view is 224 px)")
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, is_main: bool) -> list[str]:
-    """Check that ``run_dir`` can be used, create it (main process); returns the earlier outputs that a
-    fresh start with ``overwrite=true`` moves aside. A fresh start over outputs without it is refused."""
-    earlier = run_outputs(run_dir) if cfg.resume == "no" and run_dir.is_dir() else []
-    if earlier and not cfg.overwrite:
-        summary = run_dir / "summary.json"
-        finished = ""
-        if summary.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                finished = f"; a finished run of {json.loads(summary.read_text()).get('steps')} steps"
-        raise ConfigError(
-            f"run {cfg.name!r} already has outputs in {run_dir} ({', '.join(earlier)}{finished}): resume=no would "
-            f"replace some and leave the others stale. Start fresh under another name (name={cfg.name}-2), or add "
-            f"overwrite=true to move the old outputs to {run_dir}.replaced-<date>/ first, or drop resume=no to "
-            "continue the run")
-    if is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"out_dir={cfg.out_dir!r}, name={cfg.name!r}: cannot create the run directory "
-                              f"{run_dir}: {e.strerror or e}") from None
-    return earlier
-
-
-def find_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint this run resumes from, or None for a fresh start."""
-    if cfg.resume == "no":
-        return None
-    if cfg.resume == "auto":
-        path = run_dir / "last.pt"
-        return path if path.exists() else None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file (use auto, no, or a last.pt path)")
-    return path
-
-
-def read_resume_state(path: Path) -> dict[str, Any]:
-    """The checkpoint to resume from, read with ``weights_only=True``. A file that is not one is a
-    ConfigError that says what it is, in the words of ``ressl.eval.load_checkpoint`` (tools/eval.py's
-    reader), which is asked only when the file fails here."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - the reader below re-reads the file and says what it is
-        load_checkpoint(path)
-        raise
-    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        names = ", ".join(repr(k) for k in list(state)[:3])
-        raise ConfigError(f"{path} is not a trainer checkpoint: it is a bare state_dict of {len(state)} tensors "
-                          f"({names}, ...), weights only (as tools/export.py or torchvision write them), without "
-                          "the optimiser, step and config a run resumes from; start this run with resume=no")
-    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        load_checkpoint(path)  # not a trainer checkpoint at all: its message says what the file holds
-        raise ConfigError(f"{path} is a trainer checkpoint without {missing}, which resuming needs")
-    return state
-
-
-def check_resume_config(state: dict[str, Any], cfg: Config, path: Path) -> None:
-    """Refuse a resume whose config differs in a key that cannot change; log the changes that apply."""
-    applied, refused = resume_changes(state.get("config", {}), cfg)
-    if refused:
-        lines = "\n  ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in refused.items())
-        raise ConfigError(f"cannot resume {path}: these keys differ from the checkpoint's config and cannot change "
-                          f"mid-run:\n  {lines}\nPut them back, or start a new run (another name=, or resume=no).")
-    for k, (old, new) in applied.items():
-        log.info("resume: %s changed %r -> %r (applied)", k, old, new)
-
-
 def command_for(cfg: Config, num_processes: int, **changes: Any) -> str:
     """A shell command that runs ``cfg`` with ``changes`` (every key spelled out: no config file needed)."""
     args = [a for a in cfg.to_overrides() if a.split("=", 1)[0] not in changes]
@@ -236,6 +168,64 @@ def nan_message(cfg: Config, step: int, epoch: int, lr_now: float, ckpt: Path, n
     return head + f"  no checkpoint was written yet; start over with half the lr:\n    {fresh}"
 
 
+def knn_row(cfg: Config, spec: RecipeSpec, core: ReSSL, accelerator: Accelerator, runlog: RunLog,
+            history: dict[str, Any], step: int, tag: str) -> float | None:
+    """Run the kNN monitor on the main process, log it (message, metrics.csv row, ``history["knn"]``),
+    then wait for every process; returns the accuracy (None elsewhere, or when the monitor is off)."""
+    acc = None
+    if accelerator.is_main_process:
+        acc = knn_monitor(cfg, spec, core.eval_backbone(), accelerator.device)
+        if acc is not None:
+            log.info("kNN top-1 %s: %.2f%%", tag, acc)
+            history["knn"].append((step, acc))
+            runlog.row(step, knn_top1=acc)
+    accelerator.wait_for_everyone()
+    return acc
+
+
+def save_run(accelerator: Accelerator, path: Path, cfg: Config, core: ReSSL, optimizer: torch.optim.Optimizer,
+             step: int, position: tuple[int, int], history: dict[str, Any], log_rows: int) -> None:
+    """Write ``last.pt`` once every process has arrived (main process): the model, the optimiser, where the
+    loader continues (``position`` = epoch, batches done in it), the RNG state and the config."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        epoch, batch = position
+        save_checkpoint(path, {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                               "epoch": epoch, "batch": batch, "history": history, **rng_state(),
+                               "config": cfg.to_dict(), "log_rows": log_rows})
+
+
+def finished_run(cfg: Config, state: dict[str, Any], total_steps: int, run_dir: Path, is_main: bool
+                 ) -> dict[str, Any]:
+    """A run re-run after its last step: say so, leave every output as it is, return its summary."""
+    summary_path = run_dir / "summary.json"
+    done = (json.loads(summary_path.read_text()) if summary_path.is_file()
+            else {"name": cfg.name, "steps": state["step"]})
+    if is_main:
+        print(f"run {cfg.name!r} is already finished ({state['step']} of {total_steps} steps; {run_dir}). "
+              "Raise epochs= or max_steps= to train longer, or start over under another name= (or with "
+              "resume=no overwrite=true, which moves this run aside).")
+    return done
+
+
+def last_line(summary: dict[str, Any], run_dir: Path) -> str:
+    """The run's one-line result: figures, and whether it collapsed or sat at a plateau."""
+    kb = "n/a" if summary["knn_before"] is None else f"{summary['knn_before']:.2f}%"
+    ka = "n/a" if summary["knn_after"] is None else f"{summary['knn_after']:.2f}%"
+    ips = summary["images_per_s"]
+    figures = (f"{summary['steps']} steps, kNN top-1 before {kb} -> after {ka}, "
+               f"{'n/a' if ips is None else f'{ips:.0f}'} images/s; logs in {run_dir}")
+    verdict = summary["collapse"]
+    if summary["collapsed"]:
+        return (f"COLLAPSED: {figures}. {verdict['message']}; summary.json has \"collapsed\": true "
+                f"(exit status {EXIT_COLLAPSED})")
+    plateau = verdict["plateau"]
+    note = "" if plateau is None else (
+        f" (the relation loss sat at log K with collapsed keys from step {plateau['from_step']} to "
+        f"{plateau['to_step']}: see the warning and summary.json's \"collapse\")")
+    return f"done: {figures}{note}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
@@ -245,7 +235,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.recipe_overrides:
         changes = ", ".join(f"recipe.{k}={v!r}" for k, v in cfg.recipe_overrides.items())
         log.info("recipe %s with %s", cfg.recipe, changes)
-    # --- accelerator + seeds --------------------------------------------------------------------------
+    # --- accelerator ------------------------------------------------------------------------------------
     precision = resolve_precision(cfg.precision)  # auto: bf16 on CUDA, float32 on CPU
     # broadcast_buffers=False: DDP must not overwrite the queue and teacher buffers from rank 0 each step
     # (the queue is kept identical by the all-gather in push; BN buffers stay per-process as in the paper).
@@ -254,56 +244,42 @@ def main(cfg: Config) -> dict[str, Any]:
     )
     cfg.check_world(accelerator.num_processes)
     check_view_memory(cfg, spec, accelerator.device, accelerator.num_processes)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    earlier = prepare_run_dir(cfg, run_dir, accelerator.is_main_process)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one process speaks
-    # the main process holds the run directory until the end (released on any exit, dropped by the
-    # kernel if the process is killed)
-    with RunLock(run_dir) if accelerator.is_main_process else contextlib.nullcontext():
-        if earlier and accelerator.is_main_process:  # resume=no overwrite=true, under the lock
-            log.warning("overwrite=true: moved the earlier outputs of %s to %s", run_dir, move_run_aside(run_dir))
-        accelerator.wait_for_everyone()
-        return _train(cfg, spec, accelerator, precision, run_dir)
+    # runs/NAME: prepared, locked by the main process until the end, earlier outputs moved aside if asked
+    with open_run(cfg, overwrite=cfg.overwrite, is_main=accelerator.is_main_process,
+                  barrier=accelerator.wait_for_everyone) as run_dir:
+        return train(cfg, spec, accelerator, precision, run_dir)
 
 
-def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: str, run_dir: Path) -> dict[str, Any]:
+def train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: str, run_dir: Path) -> dict[str, Any]:
+    """The run itself, top to bottom: seeds, resume check, data, model, optimiser, loop, save."""
     set_seed(cfg.seed)  # same initial weights and queue on every process
-    device = accelerator.device
-    if accelerator.is_main_process:
-        for p in remove_stale_temps(run_dir):  # e.g. the temp file of a checkpoint save that was killed
-            log.info("removed %s, left by an interrupted run", p)
+    device, is_main, nproc = accelerator.device, accelerator.is_main_process, accelerator.num_processes
 
     # --- resume: read and check the checkpoint before any work -------------------------------------------
     ckpt_path = run_dir / "last.pt"
     resume_from = find_checkpoint(cfg, run_dir)
     state: dict[str, Any] = {}
     if resume_from is not None:
-        state = read_resume_state(resume_from)
-        check_resume_config(state, cfg, resume_from)
+        state = read_checkpoint(resume_from, RESUME_KEYS)
+        check_resume_config(resume_changes(state.get("config", {}), cfg), resume_from)
 
     # --- data -----------------------------------------------------------------------------------------
     try:
         loader = build_loader(cfg, cfg.backend, split=cfg.train_split, device=device,
-                              rank=accelerator.process_index, world_size=accelerator.num_processes, spec=spec)
+                              rank=accelerator.process_index, world_size=nproc, spec=spec)
     except ValueError as e:  # the data does not fit the config (too few readable samples for the batch, ...)
         raise ConfigError(f"data={cfg.data!r}: {e}") from None
     steps_per_epoch = len(loader)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    if state and state["step"] >= total_steps:  # finished: say so, leave every output as it is
-        summary_path = run_dir / "summary.json"
-        done = (json.loads(summary_path.read_text()) if summary_path.is_file()
-                else {"name": cfg.name, "steps": state["step"]})
-        if accelerator.is_main_process:
-            print(f"run {cfg.name!r} is already finished ({state['step']} of {total_steps} steps; {run_dir}). "
-                  "Raise epochs= or max_steps= to train longer, or start over under another name= (or with "
-                  "resume=no overwrite=true, which moves this run aside).")
+    if state and state["step"] >= total_steps:
+        done = finished_run(cfg, state, total_steps, run_dir, is_main)
         accelerator.end_training()
         return done
     log.info("backend %s, %d batches of %d per process per epoch, %d processes, %d steps, precision %s",
-             type(loader).__name__, steps_per_epoch, loader.batch_size, accelerator.num_processes, total_steps,
-             precision)
+             type(loader).__name__, steps_per_epoch, loader.batch_size, nproc, total_steps, precision)
 
     # --- model ----------------------------------------------------------------------------------------
     model = build_model(cfg, device)  # channels_last and compiled encoders as the config asks
@@ -315,120 +291,85 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
     train_step = TrainStep(model, optimizer, accelerator)  # the step tools/bench.py times too
     core: ReSSL = train_step.core
 
-    step, start_epoch, start_batch, history = 0, 0, 0, {"knn": []}
+    step, epoch, start_batch, history = 0, 0, 0, {"knn": []}
     if state:
         core.load_state_dict(state["model"])
-        # momentum buffers from the checkpoint; lr, weight decay and the schedule from the current config
-        load_optimizer_state(optimizer, state["optimizer"])
-        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch"]
+        load_optimizer_state(optimizer, state["optimizer"])  # momentum buffers; lr and decay from the config
+        step, epoch, start_batch = state["step"], state["epoch"], state["batch"]
         history = state.get("history", history)
-        torch.set_rng_state(state["rng_cpu"])
-        log.info("resumed from %s at step %d (epoch %d, batch %d), lr %.4g", resume_from, step, start_epoch,
+        restore_rng(state)
+        log.info("resumed from %s at step %d (epoch %d, batch %d), lr %.4g", resume_from, step, epoch,
                  start_batch, schedule.lr(step))
-
-    def checkpoint(epoch: int, batch: int) -> None:
-        if batch >= steps_per_epoch:  # the epoch is complete: resume at the start of the next one
-            epoch, batch = epoch + 1, 0
-        accelerator.wait_for_everyone()
-        history["collapse"] = collapse.state_dict()
-        if accelerator.is_main_process:
-            try:
-                save_checkpoint(ckpt_path, {
-                    "model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                    "step": step, "epoch": epoch, "batch": batch,
-                    "history": history, "rng_cpu": torch.get_rng_state(), "config": cfg.to_dict(),
-                    "log_rows": runlog.rows,
-                })
-            except RunError:  # e.g. a full disk: the message goes on its own line, after the progress bar's
-                bar.close()
-                raise
-
-    runlog = RunLog(run_dir, accelerator.is_main_process, resume_step=step if state else None,
-                    keep_rows=state.get("log_rows"))
+    runlog = RunLog(run_dir, is_main, resume_step=step if state else None, keep_rows=state.get("log_rows"))
     collapse = CollapseMonitor(cfg.queue_size, cfg.proj_dim, total_steps, cfg.log_every, cfg.warmup_infonce_epochs)
     collapse.load_state_dict(history.get("collapse"))
-
-    def monitor(tag: str) -> float | None:
-        acc = None
-        if accelerator.is_main_process:
-            acc = knn_monitor(cfg, spec, core.eval_backbone(), device)
-            if acc is not None:
-                log.info("kNN top-1 %s: %.2f%%", tag, acc)
-                history["knn"].append((step, acc))
-                runlog.row(step, knn_top1=acc)
-        accelerator.wait_for_everyone()
-        return acc
-
-    def nonfinite_error() -> NonFiniteLossError:
-        bar.close()  # the message goes on its own line, after the progress bar's
-        return NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(step), ckpt_path,
-                                              accelerator.num_processes))
-
     if cfg.knn_before and not state:
-        history["knn_before"] = monitor("before training")
+        history["knn_before"] = knn_row(cfg, spec, core, accelerator, runlog, history, step, "before training")
 
     # --- loop -------------------------------------------------------------------------------------------
     losses: list[float] = []
-    nonfinite = train_step.nonfinite  # on device, set in place by the step once a loss is NaN/inf
     images_per_step = cfg.batch_size * (1 + len(spec.strong))
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, dynamic_ncols=True,
-               unit="step")
-    t_last, step_last, t_start, step_start = time.perf_counter(), step, time.perf_counter(), step
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, unit="step")
+    t_start = t_last = time.perf_counter()
+    step_start = step_last = step
+    start_epoch, position = epoch, (epoch, start_batch)  # position: where a resumed run continues
     model.train()
-    epoch, position = start_epoch, (start_epoch, start_batch)
-    for epoch in range(start_epoch, epochs):
-        loader.set_epoch(epoch, start_batch)
-        for batch_idx, batch in enumerate(loader, start=start_batch):
-            w_nce = schedule.infonce(epoch, batch_idx)
-            m = schedule.ema_momentum(step)
-            # autocast forward, backward, SGD step, zero_grad, EMA + enqueue; no host sync
-            loss, metrics = train_step(batch.weak, batch.strong, lr=schedule.lr(step), momentum=m,
-                                       infonce_weight=w_nce)
-            step += 1
-            position = (epoch, batch_idx + 1)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                # host sync: the only one per log_every steps (loss values + the non-finite flag)
-                if nonfinite.item():
-                    raise nonfinite_error()
-                now = time.perf_counter()
-                ips = images_per_step * (step - step_last) / (now - t_last)
-                t_last, step_last = now, step
-                vals = {k: v.item() for k, v in metrics.items()}
-                losses.append(vals["loss"])
-                runlog.row(step, epoch=epoch, lr=schedule.lr(step), momentum=m, infonce_weight=w_nce,
-                           images_per_s=ips, **vals)
-                warning = collapse.observe(step, vals["loss_rel"], vals["key_std"], w_nce,
-                                           relation_trained=cfg.w_rel > 0)
-                if warning and accelerator.is_main_process:
-                    log.warning(warning)
-                bar.set_postfix(loss=f"{vals['loss']:.4f}", m=f"{m:.4f}", lr=f"{schedule.lr(step):.3g}",
-                                img_s=f"{ips:.0f}")
-            if step % cfg.ckpt_every == 0 and step < total_steps:
-                if nonfinite.item():  # host sync; never save a state that has seen a NaN
-                    raise nonfinite_error()
-                checkpoint(epoch, batch_idx + 1)
+    try:  # the bar closes first on any exit, so a message goes on its own line
+        for epoch in range(start_epoch, epochs):
+            loader.set_epoch(epoch, start_batch)
+            for batch_idx, batch in enumerate(loader, start=start_batch):
+                lr, m, w_nce = schedule.lr(step), schedule.ema_momentum(step), schedule.infonce(epoch, batch_idx)
+                # autocast forward, backward, SGD step, zero_grad, EMA + enqueue (ressl/step.py); no host sync
+                loss, metrics = train_step(batch.weak, batch.strong, lr=lr, momentum=m, infonce_weight=w_nce)
+                step += 1
+                position = (epoch, batch_idx + 1) if batch_idx + 1 < steps_per_epoch else (epoch + 1, 0)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    # host sync: the only one per log_every steps (loss values + the non-finite flag)
+                    if train_step.nonfinite.item():
+                        raise NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(step), ckpt_path, nproc))
+                    now = time.perf_counter()
+                    ips = images_per_step * (step - step_last) / (now - t_last)
+                    t_last, step_last = now, step
+                    vals = {k: v.item() for k, v in metrics.items()}
+                    losses.append(vals["loss"])
+                    # the lr column holds the lr of the coming step (as torch's LambdaLR reported it)
+                    runlog.row(step, epoch=epoch, lr=schedule.lr(step), momentum=m, infonce_weight=w_nce,
+                               images_per_s=ips, **vals)
+                    warning = collapse.observe(step, vals["loss_rel"], vals["key_std"], w_nce,
+                                               relation_trained=cfg.w_rel > 0)
+                    if warning and is_main:
+                        log.warning(warning)
+                    bar.set_postfix(loss=f"{vals['loss']:.4f}", m=f"{m:.4f}", lr=f"{schedule.lr(step):.3g}",
+                                    img_s=f"{ips:.0f}")
+                if step % cfg.ckpt_every == 0 and step < total_steps:
+                    if train_step.nonfinite.item():  # host sync; never save a state that has seen a NaN
+                        raise NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(step), ckpt_path, nproc))
+                    history["collapse"] = collapse.state_dict()
+                    save_run(accelerator, ckpt_path, cfg, core, optimizer, step, position, history, runlog.rows)
+                if step >= total_steps:
+                    break
+            start_batch = 0
             if step >= total_steps:
                 break
-        start_batch = 0
-        if step >= total_steps:
-            break
-        if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
-            monitor(f"after epoch {epoch + 1}")
-    bar.close()
+            if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
+                knn_row(cfg, spec, core, accelerator, runlog, history, step, f"after epoch {epoch + 1}")
+    finally:
+        bar.close()
     elapsed = time.perf_counter() - t_start
 
     # --- save -------------------------------------------------------------------------------------------
-    if nonfinite.item():
-        raise nonfinite_error()
-    final_knn = monitor("after training")
-    checkpoint(*position)  # where a longer schedule would continue
+    if train_step.nonfinite.item():
+        raise NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(step), ckpt_path, nproc))
+    final_knn = knn_row(cfg, spec, core, accelerator, runlog, history, step, "after training")
+    history["collapse"] = collapse.state_dict()
+    save_run(accelerator, ckpt_path, cfg, core, optimizer, step, position, history, runlog.rows)
     teacher_sum = torch.stack([p.detach().double().sum() for p in core.teacher.parameters()]).sum()
     teacher_sums = accelerator.gather(teacher_sum.reshape(1).to(device)).tolist()
     verdict = [collapse.verdict()]
     broadcast_object_list(verdict)  # every process ends with the main process's verdict (and exit status)
     summary = {
-        "name": cfg.name, "steps": step, "epochs": epoch + 1, "num_processes": accelerator.num_processes,
+        "name": cfg.name, "steps": step, "epochs": epoch + 1, "num_processes": nproc,
         "precision": precision, "backend": type(loader).__name__, "losses": losses,
         "knn_before": history.get("knn_before"), "knn_after": final_knn,
         "images_per_s": images_per_step * (step - step_start) / elapsed if step > step_start else None,
@@ -437,34 +378,15 @@ def _train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: s
         "collapsed": verdict[0]["collapsed"], "collapse": verdict[0],
         "recipe": cfg.recipe, "recipe_overrides": cfg.recipe_overrides, "config": cfg.to_dict(),
     }
-    if accelerator.is_main_process:
-        runlog.close()
-        plot_curves(runlog.csv_path, run_dir / "curves.png", CURVES)
-        atomic_write_json(run_dir / "summary.json", summary)
-        kb = "n/a" if summary["knn_before"] is None else f"{summary['knn_before']:.2f}%"
-        ka = "n/a" if final_knn is None else f"{final_knn:.2f}%"
-        ips = summary["images_per_s"]
-        figures = (f"{step} steps, kNN top-1 before {kb} -> after {ka}, "
-                   f"{'n/a' if ips is None else f'{ips:.0f}'} images/s; logs in {run_dir}")
-        if summary["collapsed"]:
-            print(f"COLLAPSED: {figures}. {verdict[0]['message']}; summary.json has \"collapsed\": true "
-                  f"(exit status {EXIT_COLLAPSED})")
-        else:
-            plateau = verdict[0]["plateau"]
-            note = "" if plateau is None else (
-                f" (the relation loss sat at log K with collapsed keys from step {plateau['from_step']} to "
-                f"{plateau['to_step']}: see the warning and summary.json's \"collapse\")")
-            print(f"done: {figures}{note}")
+    if is_main:
+        finish_run(run_dir, runlog, summary, CURVES)
+        print(last_line(summary, run_dir))
     accelerator.end_training()
     return summary
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML preset in configs/ (default: the paper's ImageNet run)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of any config key")
-    a = p.parse_args(argv)
-    return load_config(a.config, a.overrides)
+    return parse_cli(__doc__, load_config, "YAML preset in configs/ (default: the paper's ImageNet run)", argv)
 
 
 def exit_status(summary: dict[str, Any]) -> int:

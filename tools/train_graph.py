@@ -18,7 +18,6 @@ drawing the same views and anchors it would have drawn.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -40,8 +39,19 @@ from ressl.graph.data import GraphDataError, load_graph  # noqa: E402
 from ressl.graph.eval import linear_probe_splits, random_splits  # noqa: E402
 from ressl.graph.model import RGRL  # noqa: E402
 from ressl.graph.sampling import anchor_probabilities, diffusion_neighbours, node_degree  # noqa: E402
-from ressl.io import atomic_write_json, remove_stale_temps  # noqa: E402
-from ressl.run import NonFiniteLossError, RunLock, RunLog, plot_curves, save_checkpoint  # noqa: E402
+from ressl.run import (  # noqa: E402
+    NonFiniteLossError,
+    check_resume_config,
+    find_checkpoint,
+    finish_run,
+    open_run,
+    parse_cli,
+    read_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
+from ressl.runlog import RunLog  # noqa: E402
 from ressl.step import resolve_precision  # noqa: E402
 
 log = logging.getLogger("train_graph")
@@ -49,6 +59,9 @@ log = logging.getLogger("train_graph")
 FIELDS = ("step", "epoch", "loss", "loss_global", "loss_local", "key_std", "lr", "momentum", "steps_per_s",
           "acc_val", "acc_test", "acc_test_std")
 EVAL_KEYS = ("acc_val", "acc_test", "acc_test_std")
+CURVES = ("loss", "loss_global", "loss_local", "key_std", "steps_per_s", "acc_test")
+# what a checkpoint must hold to be resumed (every checkpoint this tool writes has all of it)
+RESUME_KEYS = ("model", "optimizer", "step", "history", "log_rows", "rng_cpu", "config")
 
 
 def _fmt(acc: dict[str, Any] | None) -> str:
@@ -73,10 +86,8 @@ def main(cfg: GraphConfig) -> dict[str, Any]:
     if cfg.num_anchors > data.num_nodes or cfg.topk >= data.num_nodes:
         raise ConfigError(f"{cfg.data}: {data.num_nodes} nodes; num_anchors={cfg.num_anchors} must be <= "
                           f"{data.num_nodes} and topk={cfg.topk} < {data.num_nodes}")
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # held until the end (released on any exit, dropped by the kernel if the process is killed)
-    with RunLock(run_dir):
+    # runs/NAME: created and locked until the end; without an overwrite key, resume=no writes over it in place
+    with open_run(cfg, overwrite=None) as run_dir:
         return _train(cfg, accelerator, precision, data, run_dir, t_begin)
 
 
@@ -84,8 +95,6 @@ def _train(cfg: GraphConfig, accelerator: Accelerator, precision: str, data: Dat
            t_begin: float) -> dict[str, Any]:
     set_seed(cfg.seed)
     device = accelerator.device
-    for p in remove_stale_temps(run_dir):  # e.g. the temp file of a checkpoint save that was killed
-        log.info("removed %s, left by an interrupted run", p)
 
     # --- data: the graph's anchor distribution and diffusion neighbours, the evaluation splits ---------
     n = data.num_nodes
@@ -110,40 +119,23 @@ def _train(cfg: GraphConfig, accelerator: Accelerator, precision: str, data: Dat
 
     # --- resume -----------------------------------------------------------------------------------------
     ckpt_path = run_dir / "last.pt"
-    resume_from = None
-    if cfg.resume == "auto" and ckpt_path.exists():
-        resume_from = ckpt_path
-    elif cfg.resume not in ("auto", "no"):
-        resume_from = Path(cfg.resume)
-        if not resume_from.is_file():
-            raise FileNotFoundError(f"resume={cfg.resume!r}: no such checkpoint file")
+    resume_from = find_checkpoint(cfg, run_dir)
     step, history, log_rows = 0, {"evals": []}, None
     if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
-        applied, refused = graph_resume_changes(state["config"], cfg)
-        if refused:
-            raise ConfigError(f"{resume_from} was trained with other settings; changed: "
-                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
-                              + " (use another name= or resume=no)")
-        for k, (old, new) in applied.items():
-            log.info("resume: %s %r -> %r", k, old, new)
+        state = read_checkpoint(resume_from, RESUME_KEYS)
+        check_resume_config(graph_resume_changes(state["config"], cfg), resume_from)
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, log_rows = state["step"], state["history"], state["log_rows"]
-        torch.set_rng_state(state["rng_cpu"])  # the same augmentations and anchors as an unbroken run
-        if torch.cuda.is_available() and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
+        restore_rng(state)  # the same augmentations and anchors as an unbroken run
         log.info("resumed from %s at step %d", resume_from, step)
     runlog = RunLog(run_dir, True, resume_step=step if resume_from is not None else None, keep_rows=log_rows,
                     fields=FIELDS, eval_keys=EVAL_KEYS)
 
     def checkpoint() -> None:
-        state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "history": history, "log_rows": runlog.rows, "rng_cpu": torch.get_rng_state(),
-                 "config": cfg.to_dict()}
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(ckpt_path, state)
+        save_checkpoint(ckpt_path, {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                    "history": history, "log_rows": runlog.rows, **rng_state(),
+                                    "config": cfg.to_dict()})
 
     def evaluate(tag: str) -> dict[str, Any]:
         """Logistic regression on the student's frozen embeddings (own generator: training RNG untouched)."""
@@ -213,10 +205,7 @@ def _train(cfg: GraphConfig, accelerator: Accelerator, precision: str, data: Dat
         "train_s": train_s, "wall_s": time.perf_counter() - t_begin,
         "steps_per_s": (step - step_start) / train_s if step > step_start else None,
     }
-    runlog.close()
-    plot_curves(runlog.csv_path, run_dir / "curves.png",
-                keys=("loss", "loss_global", "loss_local", "key_std", "steps_per_s", "acc_test"))
-    atomic_write_json(run_dir / "summary.json", summary)
+    finish_run(run_dir, runlog, summary, CURVES)
     print(f"done: {step} steps in {summary['wall_s']:.0f} s, node accuracy before {_fmt(before)} -> after "
           f"{_fmt(after)} (logistic regression, {cfg.eval_splits} random splits); logs in {run_dir}")
     accelerator.end_training()
@@ -224,11 +213,7 @@ def _train(cfg: GraphConfig, accelerator: Accelerator, precision: str, data: Dat
 
 
 def parse_args(argv: list[str] | None = None) -> GraphConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML preset in configs/ (default: the authors' Cora run)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of any config key")
-    a = p.parse_args(argv)
-    return load_graph_config(a.config, a.overrides)
+    return parse_cli(__doc__, load_graph_config, "YAML preset in configs/ (default: the authors' Cora run)", argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 ``tools/bench.py`` is the command line over :func:`run`; ``tools/gpucheck.py`` reads its JSON. What is
 timed (loader-only, model-only, end to end, the stages), the units and the JSON contract are described
 in ``tools/bench.py``'s docstring. The model step is :class:`ressl.step.TrainStep`, the step that
-``tools/train.py`` takes, built by the same ``build_model`` / ``build_optimizer``. Machine facts live in
+``tools/train.py`` takes, built by the same ``build_ressl`` / ``build_optimizer``. Machine facts live in
 ``harness/machine.py``, timed windows in ``harness/timing.py``, text and JSON output in ``harness/report.py``, the stage
 timers in :mod:`pipelines.profile`.
 """
@@ -37,7 +37,7 @@ from pipelines.formats import RAW_MAX_SIDE
 from pipelines.profile import bottleneck, profile_backend, project
 from pipelines.spec import RecipeSpec, get_recipe
 from ressl.config import Config, ConfigError
-from ressl.step import TrainStep, build_model, build_optimizer
+from ressl.step import TrainStep, build_optimizer, build_ressl
 
 __all__ = [
     "MODES",
@@ -104,7 +104,7 @@ class ModelStep:
     """
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
-        model = build_model(cfg, accelerator.device)
+        model = build_ressl(cfg, accelerator.device)
         optimizer = build_optimizer(model, cfg)
         model, optimizer = accelerator.prepare(model, optimizer)
         self.step, self.momentum = TrainStep(model, optimizer, accelerator), cfg.momentum

@@ -88,7 +88,7 @@ class Config:
     momentum: float = 0.999  # EMA momentum m (start value for the cosine schedule)
     momentum_schedule: str = "constant"  # constant | cosine (m -> 1 over training)
     w_rel: float = 1.0  # weight of the relation loss
-    w_sim: float = 0.0  # seed-004 instance term 2 - 2 cos(p, k) (p = predictor output when predictor is on)
+    w_sim: float = 0.0  # instance-similarity term 2 - 2 cos(p, k) (p = predictor output when predictor is on)
     warmup_infonce_epochs: int = 0  # TPAMI: InfoNCE instead of the relation loss for these epochs
     infonce_blend_epochs: int = 0  # linear blend InfoNCE -> relation over this many epochs after warm-up
     infonce_tau: float = 0.2

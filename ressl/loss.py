@@ -94,7 +94,7 @@ def infonce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: flo
 
 
 def similarity_loss(p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Instance term of the seed-004 variant: ``mean_b(2 - 2 cos(p_b, k_b))``.
+    """Instance-similarity term: ``mean_b(2 - 2 cos(p_b, k_b))``.
 
     Args:
         p: [B, D] student output (predictor output when the predictor is on); need not be normalised.

@@ -1,12 +1,12 @@
 """One ReSSL optimiser step, and the setup rules around it, shared by ``tools/train.py`` and the bench.
 
 The benchmark's "model-only images/s" is only a ceiling for training if it times the very step that
-training takes, so both tools build the model with :func:`build_model`, the optimiser with
+training takes, so both tools build the model with :func:`build_ressl`, the optimiser with
 :func:`build_optimizer` and step with :class:`TrainStep`::
 
     precision = resolve_precision(cfg.precision, device)          # "auto": bf16 on CUDA, fp32 on CPU
     accelerator = Accelerator(mixed_precision=precision, ...)
-    model = build_model(cfg, accelerator.device)
+    model = build_ressl(cfg, accelerator.device)
     optimizer = build_optimizer(model, cfg)                       # peak lr = cfg.lr * batch_size / 256
     model, optimizer = accelerator.prepare(model, optimizer)
     step = TrainStep(model, optimizer, accelerator)
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .method import ReSSL
 
-__all__ = ["TrainStep", "build_model", "build_optimizer", "resolve_precision"]
+__all__ = ["TrainStep", "build_optimizer", "build_ressl", "resolve_precision"]
 
 
 def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
@@ -49,7 +49,7 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     return "bf16" if cuda else "no"
 
 
-def build_model(cfg: Config, device: torch.device | str) -> ReSSL:
+def build_ressl(cfg: Config, device: torch.device | str) -> ReSSL:
     """ReSSL from ``cfg`` on ``device``: channels_last if asked, encoders compiled if ``cfg.compile``.
 
     The encoders are compiled in place, not the whole module: parameter names (EMA pairing,

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from ressl.config import Config
-from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision
+from ressl.step import TrainStep, build_optimizer, build_ressl, resolve_precision
 
 TINY = dict(backbone="resnet18_cifar", proj_hidden=32, proj_dim=16, queue_size=16, batch_size=4, lr=0.5,
             momentum=0.9, channels_last=False, recipe="cifar32", precision="no")
@@ -25,7 +25,7 @@ def accelerator():
 def _setup(accelerator, **over):
     torch.manual_seed(0)
     cfg = Config(**{**TINY, **over}).validate()
-    model = build_model(cfg, accelerator.device)
+    model = build_ressl(cfg, accelerator.device)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     return cfg, TrainStep(model, optimizer, accelerator)
@@ -52,7 +52,7 @@ def test_precision_auto_without_a_device_follows_cuda_availability():
 
 def test_optimizer_scales_lr_and_spares_norms_and_biases(accelerator):
     cfg = Config(**TINY).validate()
-    model = build_model(cfg, "cpu")
+    model = build_ressl(cfg, "cpu")
     opt = build_optimizer(model, cfg)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.5 * 4 / 256)] * 2
     decay, no_decay = opt.param_groups
@@ -62,7 +62,7 @@ def test_optimizer_scales_lr_and_spares_norms_and_biases(accelerator):
 
 
 def test_channels_last_model(accelerator):
-    model = build_model(Config(**{**TINY, "channels_last": True}).validate(), "cpu")
+    model = build_ressl(Config(**{**TINY, "channels_last": True}).validate(), "cpu")
     conv = next(p for p in model.student.parameters() if p.ndim == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last)
 

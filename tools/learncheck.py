@@ -10,7 +10,7 @@ Each variant is a ``tools/train.py`` run (its ``main``, nothing re-implemented) 
 changed only by the keys below, trained once per seed at the same budget (``ressl-3x`` at three times
 it: epochs, and ``max_steps`` when the config caps steps); each checkpoint is then evaluated by
 ``tools/eval.py`` (weighted kNN, the same code as the training monitor, and a linear probe). The
-random-init row evaluates the model as ``ressl.step.build_model`` creates it under each seed. Runs go
+random-init row evaluates the model as ``ressl.step.build_ressl`` creates it under each seed. Runs go
 to ``--out-dir``/VARIANT-sSEED/; without ``--reuse`` each is trained afresh (``resume=no overwrite=true``:
 the outputs of an earlier run of that name are moved to VARIANT-sSEED.replaced-DATE/, not deleted).
 
@@ -53,7 +53,7 @@ import train  # noqa: E402  (tools/train.py)
 
 from ressl.config import Config, ConfigError, load_config, run_tool  # noqa: E402
 from ressl.io import atomic_open, atomic_write_bytes, atomic_write_json  # noqa: E402
-from ressl.step import build_model  # noqa: E402
+from ressl.step import build_ressl  # noqa: E402
 
 log = logging.getLogger("learncheck")
 
@@ -122,7 +122,7 @@ def parse_seeds(text: str) -> list[int]:
 def _random_init_checkpoint(cfg: Config, path: Path) -> None:
     """A checkpoint of the untrained model under the run's seed, in the trainer's format (step 0)."""
     set_seed(cfg.seed)
-    model = build_model(cfg, "cpu")
+    model = build_ressl(cfg, "cpu")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as f:
         torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, f)

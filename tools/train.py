@@ -75,7 +75,7 @@ from ressl.run import (  # noqa: E402
 )
 from ressl.runlog import RunLog  # noqa: E402
 from ressl.schedule import Schedule  # noqa: E402
-from ressl.step import TrainStep, build_model, build_optimizer, resolve_precision  # noqa: E402
+from ressl.step import TrainStep, build_optimizer, build_ressl, resolve_precision  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -282,7 +282,7 @@ def train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: st
              type(loader).__name__, steps_per_epoch, loader.batch_size, nproc, total_steps, precision)
 
     # --- model ----------------------------------------------------------------------------------------
-    model = build_model(cfg, device)  # channels_last and compiled encoders as the config asks
+    model = build_ressl(cfg, device)  # channels_last and compiled encoders as the config asks
 
     # --- optimiser + schedule ---------------------------------------------------------------------------
     optimizer = build_optimizer(model, cfg)  # SGD, peak lr = cfg.lr * batch_size / 256

@@ -150,6 +150,28 @@ def test_infonce_weight_selects_and_blends_the_losses():
         model(weak, strong, infonce_weight=1.5)
 
 
+def test_zero_weight_terms_are_logged_but_built_without_autograd(monkeypatch):
+    import ressl.method as method
+
+    grad_on: dict[str, list[bool]] = {}
+    for name in ("relation_loss", "infonce_loss", "similarity_loss"):
+        real = getattr(method, name)
+
+        def spy(*a, _real=real, _name=name):
+            grad_on.setdefault(_name, []).append(torch.is_grad_enabled())
+            return _real(*a)
+
+        monkeypatch.setattr(method, name, spy)
+    model = _model()  # w_sim = 0
+    weak, strong = _views()
+    _, metrics = model(weak, strong, infonce_weight=1.0)  # relation weight 0 during the warm-up
+    assert grad_on == {"relation_loss": [False], "infonce_loss": [True], "similarity_loss": [False]}
+    assert all(metrics[k] > 0 for k in ("loss_rel", "loss_nce", "loss_sim"))  # still measured for the log
+    grad_on.clear()
+    model(weak, strong, infonce_weight=0.5)
+    assert grad_on == {"relation_loss": [True], "infonce_loss": [True], "similarity_loss": [False]}
+
+
 def test_multicrop_loss_is_mean_over_crops_with_one_forward_per_size():
     model = _model(w_sim=0.5)
     sizes = [8, 6, 4]

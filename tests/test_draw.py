@@ -266,3 +266,26 @@ def test_eval_loaders_are_deterministic_whatever_the_workers(data):
     assert not all(torch.equal(x, y) for x, y in zip(a, run(0, epoch=2), strict=True))  # new crops each epoch
     plain = build_eval_loader(data, "train", 12, ZERO, ONE, batch_size=5, num_workers=0)
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(plain, plain, strict=True))  # centre crops, fixed
+
+
+def test_a_kernel_loaded_from_numbas_cache_gives_what_a_fresh_compile_gives(tmp_path):
+    """A machine's first run compiles the colour kernel, later runs load it from Numba's cache: same views."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, sys, numpy as np, torch; sys.path.insert(0, sys.argv[1])\n"
+        "from pipelines.gpu_augment import augment_view, drawn_view_params\n"
+        "from pipelines.spec import get_recipe\n"
+        "spec = get_recipe('cifar32'); v = spec.strong[0]\n"
+        "x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))\n"
+        "out = augment_view(x, v, spec.mean, spec.std, params=drawn_view_params(v, 0, 0, np.arange(32), 1),"
+        " impl='numba')\n"
+        "print(hashlib.sha256(out.numpy().tobytes()).hexdigest())\n"
+    )
+    env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])
+    fresh, cached = (subprocess.run([sys.executable, "-c", script, root], env=env, capture_output=True, text=True,
+                                    check=True, timeout=300).stdout for _ in range(2))
+    assert any((tmp_path / "numba").rglob("*.nbi")), "the first run should have written Numba's cache"
+    assert fresh == cached and len(fresh.strip()) == 64

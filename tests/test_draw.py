@@ -39,14 +39,6 @@ def _image(label: int) -> np.ndarray:
     return np.stack([4 * xx, 5 * yy, np.full_like(xx, 10 * label)], axis=-1).astype(np.uint8)
 
 
-class _Images:
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return _image(i), i
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """One image per class (sample index = label) as an ImageFolder tree and, with FFCV, a raw .beton."""
@@ -55,12 +47,10 @@ def data(tmp_path_factory) -> Path:
         (root / "train" / f"c{i:02d}").mkdir(parents=True)
         Image.fromarray(_image(i)).save(root / "train" / f"c{i:02d}" / "0.png")
     try:
-        from ffcv.fields import IntField, RGBImageField
-        from ffcv.writer import DatasetWriter
-    except ImportError:
+        from pipelines.formats.beton import write_beton
+    except ImportError:  # no FFCV
         return root
-    DatasetWriter(str(root / "train.beton"), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                  num_workers=1).from_indexed_dataset(_Images())
+    write_beton(root / "train.beton", [(_image(i), i) for i in range(N)], mode="raw")
     return root
 
 

@@ -38,24 +38,14 @@ def _data_for(backend: str, image_folder: Path, tmp_path: Path) -> Path:
     if backend != "ffcv":
         return image_folder
     pytest.importorskip("ffcv", reason="FFCV is not installed (the [ffcv] extra)")
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
+    from pipelines.formats.beton import write_beton
     from pipelines.samples import TreeSamples
 
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
     tree = TreeSamples(data / "train", sorted(p.name for p in (data / "train").iterdir()))
-
-    class _Split:
-        def __len__(self) -> int:
-            return len(tree)
-
-        def __getitem__(self, i: int):
-            return np.asarray(tree.image(i)), int(tree.labels[i])
-
-    DatasetWriter(str(data / "train.beton"), {"image": RGBImageField(write_mode="raw"), "label": IntField()},
-                  num_workers=1).from_indexed_dataset(_Split())
+    write_beton(data / "train.beton", [(np.asarray(tree.image(i)), int(tree.labels[i])) for i in range(len(tree))],
+                mode="raw")
     return data
 
 

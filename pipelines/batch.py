@@ -63,13 +63,15 @@ class LoaderConfig:
     ffcv_order: str = "auto"  # FFCV visiting order: auto | random | quasi_random (1 process) | sequential
     ffcv_os_cache: bool = True  # FFCV: let the OS page cache hold the .beton (False = FFCV's own cache)
     ffcv_batches_ahead: int = 3  # FFCV: batches prepared in advance
+    dali_reader_workers: int = 0  # DALI: processes that read files and draw parameters ahead (0 = in the loop)
 
     def __post_init__(self) -> None:
         errs = []
         if self.batch_size < 1:
             errs.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0 or self.num_threads < 0:
-            errs.append(f"num_workers and num_threads must be >= 0, got {self.num_workers}, {self.num_threads}")
+        if self.num_workers < 0 or self.num_threads < 0 or self.dali_reader_workers < 0:
+            errs.append(f"num_workers, num_threads and dali_reader_workers must be >= 0, got {self.num_workers}, "
+                        f"{self.num_threads}, {self.dali_reader_workers}")
         if self.ffcv_order not in FFCV_ORDERS:
             errs.append(f"ffcv_order must be one of {FFCV_ORDERS}, got {self.ffcv_order!r}")
         if self.ffcv_batches_ahead < 1:

@@ -59,6 +59,7 @@ from PIL import Image
 try:
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
+    from nvidia.dali.pipeline import do_not_convert
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 except ImportError as e:  # pragma: no cover - exercised only where DALI is absent
@@ -160,17 +161,19 @@ def _view(encoded, decoded, view: ViewSpec, p: dict, spec: RecipeSpec, gpu: bool
 
 @pipeline_def(enable_conditionals=True)
 def ressl_pipeline(spec: RecipeSpec, *, source, gpu: bool = False, fused_crop: bool = False, dtype=types.FLOAT,
-                   layout: str = "HWC"):
+                   layout: str = "HWC", parallel: bool = False):
     """Source -> decode once -> one :func:`_view` per view of ``spec``; outputs are views then labels.
 
     ``source`` is called with DALI's ``BatchInfo`` and returns the encoded images, the int64 labels and,
     per view, the arrays named in :data:`PARAMS` (an :class:`IndexedSource`). With ``fused_crop`` each
-    view decodes only its own crop window instead of sharing one full decode.
+    view decodes only its own crop window instead of sharing one full decode. With ``parallel`` the source
+    runs in the pipeline's ``py_num_workers`` processes, batches ahead of the one being decoded.
     """
     names = [used_params(v) for v in spec.views]
     dtypes = [types.UINT8, types.INT64] + [_PARAM_TYPES.get(k, types.FLOAT) for used in names for k in used]
+    reader = dict(parallel=True, prefetch_queue_depth=2) if parallel else {}
     encoded, label, *flat = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
-                                               dtype=dtypes)
+                                               dtype=dtypes, **reader)
     params, at = [], 0
     for used in names:  # (DALI's autograph rewrites zip() without its strict= argument: index instead)
         params.append({name: flat[at + j] for j, name in enumerate(used)})
@@ -224,6 +227,7 @@ class IndexedSource:
                 self.sizes[i] = (img.height, img.width)
         return int(self.sizes[i, 0]), int(self.sizes[i, 1])
 
+    @do_not_convert  # a parallel source is pickled to the workers as written, not rewritten by AutoGraph
     def __call__(self, info) -> list:
         e, b = divmod(self.start_batch + info.iteration, self.per_epoch)
         epoch = self.epoch + e
@@ -251,11 +255,15 @@ class DaliLoader:
         dtype: torch.float32, or torch.float16 to feed AMP directly.
         fused_crop: decode only each view's crop window (one partial decode per view) instead of one
             full decode shared by all views.
+        reader_workers: processes that run the source (read the encoded files, draw every view's
+            parameters) ahead of the pipeline, DALI's parallel external source; 0 = in the training process.
+            Every choice is still a function of the batch's position, so the batches are the same.
     """
 
     def __init__(self, spec: RecipeSpec, samples: Samples, *, batch_size: int, device: torch.device | str = "cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
-                 channels_last: bool = False, dtype: torch.dtype = torch.float32, fused_crop: bool = False):
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32, fused_crop: bool = False,
+                 reader_workers: int = 0):
         if dtype not in _DTYPES:
             raise ValueError(f"DaliLoader dtype must be torch.float32 or torch.float16, got {dtype}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -275,6 +283,9 @@ class DaliLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_threads, self.channels_last = num_threads, channels_last
         self.dtype, self.fused_crop = dtype, fused_crop
+        if reader_workers < 0:
+            raise ValueError(f"reader_workers must be >= 0, got {reader_workers}")
+        self.reader_workers = reader_workers
         bad = bad_samples(samples, threads=num_threads)
         self.bad_files = len(bad)
         self.bad = bad
@@ -311,10 +322,13 @@ class DaliLoader:
         seed = self.seed % (1 << 31)
         # channels_last: DALI writes HWC and torch sees NCHW with channels-last strides, no copy either way.
         layout = "HWC" if self.channels_last else "CHW"
+        workers = {}
+        if self.reader_workers:  # fork is cheap, but not once CUDA is initialised in this process
+            workers = dict(py_num_workers=self.reader_workers, py_start_method="spawn" if self.gpu else "fork")
         pipe = ressl_pipeline(self.spec, source=source, gpu=self.gpu, fused_crop=self.fused_crop,
-                              dtype=_DTYPES[self.dtype], layout=layout, batch_size=self.batch_size,
-                              num_threads=self.num_threads, device_id=self.device_id, seed=seed,
-                              prefetch_queue_depth=2, exec_dynamic=True)
+                              dtype=_DTYPES[self.dtype], layout=layout, parallel=bool(self.reader_workers),
+                              batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                              seed=seed, prefetch_queue_depth=2, exec_dynamic=True, **workers)
         # Endless iterator (the source never ends): this class counts the batches of an epoch.
         it = DALIGenericIterator([pipe], [*self.names, "label"], size=-1, auto_reset=False,
                                  last_batch_policy=LastBatchPolicy.DROP)
@@ -390,4 +404,5 @@ def build_dali_loader(cfg: LoaderConfig, spec: RecipeSpec, *, split: str, device
     return DaliLoader(spec, dali_samples(cfg.data, split), batch_size=batch, device=device, rank=rank,
                       world_size=world_size, seed=cfg.seed, num_threads=cfg.threads,
                       channels_last=cfg.channels_last, dtype=dtype,
-                      fused_crop=DEFAULT_FUSED_CROP if fused_crop is None else fused_crop)
+                      fused_crop=DEFAULT_FUSED_CROP if fused_crop is None else fused_crop,
+                      reader_workers=cfg.dali_reader_workers)

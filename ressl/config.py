@@ -72,6 +72,7 @@ class Config:
     ffcv_order: str = "auto"  # FFCV visiting order: auto | random | quasi_random (one process only) | sequential
     ffcv_os_cache: bool = True  # FFCV: let the OS page cache hold the .beton (false = FFCV's own process cache)
     ffcv_batches_ahead: int = 3  # FFCV: batches prepared in advance
+    dali_reader_workers: int = 0  # DALI: processes that read files and draw parameters ahead (0 = in the loop)
     channels_last: bool = True
 
     # --- model -----------------------------------------------------------------------------------
@@ -122,8 +123,8 @@ class Config:
         positive = ["shuffle_bn_splits", "batch_size", "epochs", "queue_size", "proj_hidden", "proj_dim",
                     "pred_hidden", "log_every", "ckpt_every", "knn_k"]
         errs += [f"{k} must be > 0, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
-        nonneg = ["num_workers", "num_threads", "warmup_epochs", "warmup_infonce_epochs", "infonce_blend_epochs",
-                  "max_steps",
+        nonneg = ["num_workers", "num_threads", "dali_reader_workers", "warmup_epochs", "warmup_infonce_epochs",
+                  "infonce_blend_epochs", "max_steps",
                   "knn_every", "w_rel", "w_sim", "weight_decay"]
         errs += [f"{k} must be >= 0, got {getattr(self, k)}" for k in nonneg if getattr(self, k) < 0]
         errs += [f"{k} must be > 0, got {getattr(self, k)}" for k in ("tau_s", "tau_t", "infonce_tau", "lr", "knn_t")
@@ -205,7 +206,7 @@ class Config:
 # unless listed here) fixes what the checkpoint holds or how the run continues, and must not change.
 RESUME_CHANGEABLE = frozenset({
     "name", "out_dir", "resume", "overwrite", "data", "backend", "num_workers", "num_threads", "ffcv_os_cache",
-    "ffcv_batches_ahead", "channels_last", "precision", "compile",
+    "ffcv_batches_ahead", "dali_reader_workers", "channels_last", "precision", "compile",
     "epochs", "max_steps", "lr", "weight_decay", "sgd_momentum", "warmup_epochs",
     "log_every", "knn_every", "knn_k", "knn_t", "knn_before", "ckpt_every",
 })

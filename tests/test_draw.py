@@ -55,7 +55,8 @@ def data(tmp_path_factory) -> Path:
 
 
 def _cfg(data: Path, **kw) -> SimpleNamespace:
-    base = dict(data=str(data), batch_size=4, num_workers=0, num_threads=1, seed=5, channels_last=False)
+    base = dict(data=str(data), batch_size=4, num_workers=0, num_threads=1, seed=5, channels_last=False,
+                dali_reader_workers=0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -279,3 +280,16 @@ def test_a_kernel_loaded_from_numbas_cache_gives_what_a_fresh_compile_gives(tmp_
                                     check=True, timeout=300).stdout for _ in range(2))
     assert any((tmp_path / "numba").rglob("*.nbi")), "the first run should have written Numba's cache"
     assert fresh == cached and len(fresh.strip()) == 64
+
+
+def test_dali_reader_processes_give_the_same_batches(data):
+    """DALI's parallel external source (reader processes) reads and draws ahead: the same batches, resume too."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed (the [dali] extra)")
+    inline = _build(data, "dali", FULL)
+    readers = _build(data, "dali", FULL, dali_reader_workers=2)
+    assert readers.reader_workers == 2
+    _assert_same(_epochs(inline, range(2), FULL), _epochs(readers, range(2), FULL))
+    readers.set_epoch(1, start_batch=2)
+    inline.set_epoch(1, start_batch=2)
+    _assert_same([{"label": b.label.clone(), "weak": b.weak.clone()} for b in inline],
+                 [{"label": b.label.clone(), "weak": b.weak.clone()} for b in readers])

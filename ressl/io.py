@@ -80,10 +80,10 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     f = AtomicFile(path)
     try:
         yield f._f
+        f.commit()  # a failed fsync (disk full) or rename (path is a directory) must not leave the temp file
     except BaseException:
         f.abort()
         raise
-    f.commit()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -8,6 +8,12 @@ never depend on the order of a list.
 A run changes a preset with ``recipe.<view>.<field>=value`` keys (:func:`resolve_recipe`), e.g.
 ``recipe.strong.blur_p=0.5``, ``recipe.weak.scale=[0.08,1.0]``, ``recipe.strong.jitter.brightness=0.4``.
 
+Randomness: every backend takes each view's random choices from :mod:`pipelines.draw`, a pure function
+of (seed, epoch, sample index, view), so a sample gets the same crop box, flip, jitter factors, grayscale,
+blur sigma and solarize in torchvision, DALI and FFCV. What no backend can take from outside is
+``ColorJitter``'s random order of its four ops (torchvision draws it per call; DALI's ops and the batched
+device ops have one order): every backend applies brightness, contrast, saturation, hue in that order.
+
 Presets follow ReSSL (NeurIPS 2021, TPAMI 2024):
   weak   = RandomResizedCrop(scale 0.2-1) + flip
   strong = RandomResizedCrop(scale 0.2-1) + ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 + grayscale p=0.2

@@ -135,3 +135,16 @@ def remove_stale_temps(directory: Path) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def unwritable_reason(directory: str | os.PathLike) -> str | None:
+    """Why files cannot be written into ``directory`` (created first if missing), or None: the nearest
+    existing ancestor is a file, or is not writable. Tools check it before any expensive work."""
+    parent = Path(directory)
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{str(parent)!r} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"directory {str(parent)!r} is not writable"
+    return None

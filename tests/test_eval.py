@@ -310,7 +310,7 @@ def test_checkpoint_without_a_step_is_keyed_by_its_hash(tmp_path, image_folder):
     (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--device", "tpu"], "--device expects cpu, cuda or cuda:N"),
     (["--out-dir", "FILE"], "is a file; expected a directory"),
-    (["--out-dir", "FILE/sub"], "cannot be created"),
+    (["--out-dir", "FILE/sub"], "cannot be created or written: .* is a file, not a directory"),
 ])
 def test_bad_options_fail_before_any_feature_is_extracted(tmp_path, image_folder, argv, message):
     ckpt, _ = _checkpoint(tmp_path, data=str(image_folder))

@@ -51,7 +51,7 @@ from ressl.eval import (  # noqa: E402
     read_checkpoint,
     tsne_plot,
 )
-from ressl.io import atomic_write_json  # noqa: E402
+from ressl.io import atomic_write_json, unwritable_reason  # noqa: E402
 from ressl.method import ReSSL  # noqa: E402
 
 log = logging.getLogger("eval")
@@ -229,13 +229,9 @@ def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out-dir {str(out_dir)!r} is a file; expected a directory for eval.json and the "
                           "t-SNE picture")
-    parent = out_dir
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out-dir {str(out_dir)!r} cannot be created: {str(parent)!r} is a file")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out-dir {str(out_dir)!r}: {str(parent)!r} is not writable")
+    why = unwritable_reason(out_dir)
+    if why:
+        raise ConfigError(f"--out-dir {str(out_dir)!r} cannot be created or written: {why}")
 
 
 def main(argv: list[str] | None = None, build_eval_loader: Callable[..., Loader] | None = None) -> dict[str, Any]:

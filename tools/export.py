@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ressl.config import Config, ConfigError, run_tool  # noqa: E402
 from ressl.eval import load_checkpoint  # noqa: E402
-from ressl.io import AtomicFile  # noqa: E402
+from ressl.io import AtomicFile, unwritable_reason  # noqa: E402
 from ressl.method import BACKBONE_PREFIX  # noqa: E402
 from ressl.models import CLASSIFIER_ATTRS, build_model  # noqa: E402
 
@@ -112,13 +112,9 @@ def resolve_out(ckpt: str | os.PathLike, out: str | os.PathLike, cfg: Config | N
     if out is not None and _same_file(out, ckpt):
         raise ConfigError(f"--out {str(out)!r} is the checkpoint --ckpt {str(ckpt)!r} itself; exporting over it "
                           "would destroy the trainer checkpoint: choose another file name")
-    parent = directory
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out {text!r}: {str(parent)!r} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {text!r}: directory {str(parent)!r} is not writable")
+    why = unwritable_reason(directory)
+    if why:
+        raise ConfigError(f"--out {text!r}: {why}")
     return out if out is not None else directory
 
 

@@ -23,18 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import train  # noqa: E402
+from trainer_config import small_config  # noqa: E402
 
-from ressl.config import ConfigError, load_config  # noqa: E402
+from ressl.config import ConfigError  # noqa: E402
 from ressl.run import RunLock, RunLockedError  # noqa: E402
 from ressl.schedule import lr_factor  # noqa: E402
 
-SMALL = ["recipe=cifar32", "backbone=resnet18", "proj_hidden=32", "proj_dim=16", "queue_size=32",
-         "batch_size=8", "num_workers=0", "channels_last=false", "warmup_epochs=0", "knn_every=0", "knn_k=5",
-         "momentum=0.9", "log_every=1", "lr=0.2"]
-
 
 def small_cfg(data, out, *extra):
-    return load_config(None, [f"data={data}", f"out_dir={out}", *SMALL, *extra])
+    return small_config(data, out, *extra)
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:

@@ -16,16 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import train  # noqa: E402
+from trainer_config import small_args, small_config  # noqa: E402
 
-from ressl.config import load_config  # noqa: E402
-
-SMALL = ["recipe=cifar32", "backbone=resnet18", "proj_hidden=64", "proj_dim=32", "queue_size=64",
-         "batch_size=8", "num_workers=0", "channels_last=false", "warmup_epochs=0", "knn_every=0", "knn_k=5",
-         "momentum=0.9"]
+SMALL = small_args(proj_hidden=64, proj_dim=32, queue_size=64, log_every=None, lr=None)
 
 
 def small_cfg(data, out, *extra):
-    return load_config(None, [f"data={data}", f"out_dir={out}", *SMALL, *extra])
+    return small_config(data, out, *extra, proj_hidden=64, proj_dim=32, queue_size=64, log_every=None, lr=None)
 
 
 def csv_losses(run_dir):

@@ -1,7 +1,9 @@
 """Batched, per-sample-random augmentation of image tensors on whatever device they live on.
 
 FFCV (and any loader that delivers uint8 crops) hands this module a ``[B,3,H,W]`` batch; every sample
-gets its own random parameters, drawn from a ``torch.Generator``, and every op runs once over the
+gets its own random parameters — the loaders pass :func:`drawn_view_params`, the counter-based draw of
+:mod:`pipelines.draw` for the batch's sample indices; without them a ``torch.Generator`` draws them —
+and every op runs once over the
 whole batch (or over the subset of samples it applies to) — never a Python loop over samples. The same
 code runs on CUDA and on CPU, where it is also the fast path of the CPU benchmark.
 
@@ -15,7 +17,7 @@ and inside colour jitter the fixed order brightness -> contrast -> saturation ->
 draws a random order per call; a fixed order lets a batch share one code path — the statistics the
 parity tests look at do not depend on it).
 
-Random parameters are drawn on the generator's device (a CPU generator by default) and only the small
+Parameters live on the CPU (the draw, or the generator's device) and only the small
 per-sample parameter tensors are moved to the images' device, so choosing the samples an op applies
 to never waits on the accelerator.
 

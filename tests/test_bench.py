@@ -14,14 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+import pipelines
+from harness import benchdata as _benchdata
+from harness import measure as _measure
+from tools import bench
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import bench  # noqa: E402
-
-import pipelines  # noqa: E402
-from harness import benchdata as _benchdata  # noqa: E402
-from harness import measure as _measure  # noqa: E402
 
 TINY = ["--model", "resnet18_cifar", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "1",
         "--repeats", "2", "--workers", "0", "--num-images", "20", "--device", "cpu"]

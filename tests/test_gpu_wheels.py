@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from ressl.config import ConfigError
+from tools import gpu_wheels
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import gpu_wheels  # noqa: E402
-
-from ressl.config import ConfigError  # noqa: E402
 
 WORK = ROOT / "build" / "gpu-wheels"
 

@@ -17,13 +17,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from harness import gpuhost as _gpuhost
+from harness import gpureport
+from tools import gpucheck
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import gpucheck  # noqa: E402
-
-from harness import gpuhost as _gpuhost  # noqa: E402
-from harness import gpureport  # noqa: E402
 
 
 def test_help_says_how_to_carry_the_wheels_and_that_their_rows_skip_otherwise(capsys):

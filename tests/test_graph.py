@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +34,9 @@ from ressl.graph.sampling import (  # noqa: E402
     node_degree,
     sample_anchors,
 )
+from tools import graph_dataset, train_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import graph_dataset  # noqa: E402
-import train_graph  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,17 +8,14 @@ import json
 import math
 import shlex
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
+from ressl.config import ConfigError, run_tool
+from tools import learncheck
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import learncheck  # noqa: E402
-
-from ressl.config import ConfigError, run_tool  # noqa: E402
 
 TINY = ["recipe=cifar32", "backbone=resnet18", "proj_hidden=32", "proj_dim=16", "pred_hidden=16", "queue_size=16",
         "batch_size=8", "num_workers=0", "channels_last=false", "warmup_epochs=0", "knn_every=0", "knn_k=5",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -13,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from harness import benchdata as _benchdata
+from pipelines.profile import bottleneck, cpu_seconds, project, time_stage
+from pipelines.samples import BetonSamples, RecordSamples, TreeSamples
+from tools import bench
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import bench  # noqa: E402
-
-from harness import benchdata as _benchdata  # noqa: E402
-from pipelines.profile import bottleneck, cpu_seconds, project, time_stage  # noqa: E402
-from pipelines.samples import BetonSamples, RecordSamples, TreeSamples  # noqa: E402
 
 CPU = torch.device("cpu")
 

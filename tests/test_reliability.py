@@ -18,16 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_config import small_config
+
+from ressl.config import ConfigError
+from ressl.run import RunLock, RunLockedError
+from ressl.schedule import lr_factor
+from tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import train  # noqa: E402
-from trainer_config import small_config  # noqa: E402
-
-from ressl.config import ConfigError  # noqa: E402
-from ressl.run import RunLock, RunLockedError  # noqa: E402
-from ressl.schedule import lr_factor  # noqa: E402
 
 
 def small_cfg(data, out, *extra):

@@ -263,12 +263,8 @@ def test_every_loader_option_is_a_declared_config_key():
 
 
 def test_knn_monitor_says_once_why_it_is_off(tmp_path, caplog):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import train
-
     from ressl.config import load_config
+    from tools import train
 
     _tree(tmp_path / "train", ["a", "b"])  # no val split in any layout
     cfg = load_config(None, [f"data={tmp_path}", "recipe=cifar32", "batch_size=4", "queue_size=8"])

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_config import small_config
+
+import ressl.io
+from ressl.config import ConfigError, RunError, run_tool
+from tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import train  # noqa: E402
-from trainer_config import small_config  # noqa: E402
-
-import ressl.io  # noqa: E402
-from ressl.config import ConfigError, RunError, run_tool  # noqa: E402
 
 
 def small_cfg(data, out, *extra):

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_config import small_args, small_config
+
+from tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import train  # noqa: E402
-from trainer_config import small_args, small_config  # noqa: E402
 
 SMALL = small_args(proj_hidden=64, proj_dim=32, queue_size=64, log_every=None, lr=None)
 

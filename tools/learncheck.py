@@ -46,14 +46,12 @@ import torch
 from accelerate.utils import set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # each variant runs tools/train.py's and tools/eval.py's main
-
-import eval as eval_tool  # noqa: E402  (tools/eval.py)
-import train  # noqa: E402  (tools/train.py)
 
 from ressl.config import Config, ConfigError, load_config, run_tool  # noqa: E402
 from ressl.io import atomic_open, atomic_write_bytes, atomic_write_json  # noqa: E402
 from ressl.step import build_ressl  # noqa: E402
+from tools import eval as eval_tool  # noqa: E402  (each variant runs these two tools' mains)
+from tools import train  # noqa: E402
 
 log = logging.getLogger("learncheck")
 

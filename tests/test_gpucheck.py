@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from trainer_config import small_args
 
 from harness import gpuhost as _gpuhost
 from harness import gpureport
@@ -288,8 +289,8 @@ def test_training_runs_where_tensorboard_and_matplotlib_are_missing(tmp_path, im
         (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is absent on purpose')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "tools" / "train.py"), f"data={image_folder}", f"out_dir={tmp_path}",
-           "name=bare", "recipe=cifar32", "backbone=resnet18", "proj_hidden=32", "proj_dim=16", "queue_size=16",
-           "batch_size=8", "num_workers=0", "channels_last=false", "knn_every=0", "max_steps=3", "log_every=1"]
+           "name=bare", *small_args(queue_size=16, warmup_epochs=None, knn_k=None, momentum=None, lr=None,
+                                    max_steps=3)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tensorboard is not installed" in out.stderr and "matplotlib is not installed" in out.stderr

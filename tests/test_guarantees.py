@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trainer_config import small_args
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["recipe=cifar32", "backbone=resnet18", "proj_hidden=64", "proj_dim=32", "queue_size=64",
-        "batch_size=8", "num_workers=0", "channels_last=false", "warmup_epochs=0", "knn_every=0",
-        "knn_before=false", "momentum=0.9", "max_steps=24", "log_every=1", "ckpt_every=4", "lr=0.2"]
+ARGS = small_args(proj_hidden=64, proj_dim=32, queue_size=64, knn_k=None, knn_before="false", max_steps=24,
+                  ckpt_every=4)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

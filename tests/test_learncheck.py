@@ -11,15 +11,15 @@ import statistics
 from pathlib import Path
 
 import pytest
+from trainer_config import small_args
 
 from ressl.config import ConfigError, run_tool
 from tools import learncheck
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ["recipe=cifar32", "backbone=resnet18", "proj_hidden=32", "proj_dim=16", "pred_hidden=16", "queue_size=16",
-        "batch_size=8", "num_workers=0", "channels_last=false", "warmup_epochs=0", "knn_every=0", "knn_k=5",
-        "knn_before=false", "log_every=1", "max_steps=2", "warmup_infonce_epochs=1", "infonce_blend_epochs=0"]
+TINY = small_args(pred_hidden=16, queue_size=16, knn_before="false", max_steps=2, warmup_infonce_epochs=1,
+                  infonce_blend_epochs=0, momentum=None, lr=None)
 
 
 def test_variant_overrides():

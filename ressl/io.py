@@ -68,9 +68,13 @@ class AtomicFile:
         fsync_dir(self.path.parent)
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            if not self._f.closed:
+                self._f.close()  # flushes what is still buffered: on a full disk that fails again
+        except OSError:
+            pass  # the write already failed with this error, and the file is dropped anyway
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 @contextmanager

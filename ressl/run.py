@@ -127,10 +127,21 @@ def open_run(cfg: RunConfig, *, overwrite: bool | None, is_main: bool = True,
 
 
 def finish_run(run_dir: Path, runlog: RunLog, summary: dict[str, Any], curves: Sequence[str]) -> None:
-    """Close the metrics record, draw ``curves.png`` and write ``summary.json`` (main process)."""
-    runlog.close()
-    plot_curves(runlog.csv_path, run_dir / "curves.png", curves)
-    atomic_write_json(run_dir / "summary.json", summary)
+    """Close the metrics record, draw ``curves.png`` and write ``summary.json`` (main process).
+
+    Raises:
+        RunError: one of them could not be written (disk full, quota, permission): the message names the file
+            and says that the checkpoint, saved before, holds the trained model.
+    """
+    writes = ((runlog.csv_path, runlog.close),
+              (run_dir / "curves.png", lambda: plot_curves(runlog.csv_path, run_dir / "curves.png", curves)),
+              (run_dir / "summary.json", lambda: atomic_write_json(run_dir / "summary.json", summary)))
+    for path, write in writes:
+        try:
+            write()
+        except OSError as e:
+            raise RunError(f"disk full / could not write {path}: {e.strerror or e}; the trained model is saved in "
+                           f"{run_dir / 'last.pt'}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import RunError
 from .io import atomic_open
 
 __all__ = ["TRAIN_FIELDS", "RunLog", "plot_curves"]
@@ -108,9 +109,11 @@ class RunLog:
                 kept = [r for r in old if r.get("step") and int(r["step"]) <= resume_step]
         self.tb = None if SummaryWriter is None else SummaryWriter(
             str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
-        with atomic_open(self.csv_path) as f:  # the kept prefix, rewritten whole: a kill here loses nothing
-            text = _csv_text(self.fields, kept)
-            f.write(text.encode())
+        try:
+            with atomic_open(self.csv_path) as f:  # the kept prefix, rewritten whole: a kill here loses nothing
+                f.write(_csv_text(self.fields, kept).encode())
+        except OSError as e:
+            raise RunError(f"disk full / could not write {self.csv_path}: {e.strerror or e}") from None
         self.rows = len(kept)
         self.f = open(self.csv_path, "a", newline="")
         self.w = csv.DictWriter(self.f, fieldnames=self.fields, extrasaction="ignore")
@@ -119,8 +122,12 @@ class RunLog:
         """Append one row (missing columns stay empty) and the same scalars to TensorBoard."""
         if not self.enabled:
             return
-        self.w.writerow({"step": step, **values})
-        self.f.flush()
+        try:
+            self.w.writerow({"step": step, **values})
+            self.f.flush()  # a full disk shows here, at the row, not at close
+        except OSError as e:
+            raise RunError(f"disk full / could not write {self.csv_path}: {e.strerror or e}; once there is space, "
+                           "the same command continues from the last checkpoint") from None
         self.rows += 1
         for k, v in values.items():
             if k != "epoch" and v is not None and self.tb is not None:

@@ -129,6 +129,11 @@ def format_markdown(report: dict[str, Any]) -> str:
                          f"| {workers} | {rate} | {'-' if eff is None else f'{100 * eff:.0f}%'} "
                          f"| {'-' if mem is None else f'{mem / 2**30:.1f} GiB'} | {_cell(_row_note(r))} |")
         lines += ["", UNIT_NOTE + "."]
+    limits = [(label, b) for label, run in (report.get("bench") or {}).items() for b in run.get("bottlenecks") or []]
+    if limits:  # the loader runs' stage profiles: which stage bounds each backend on this machine
+        lines += ["", "| bench run | backend | bound by | stage | ceiling pairs/s | note |", "|---" * 6 + "|"]
+        lines += [f"| {label} | {b['backend']} | {b.get('limit', '')} | {b.get('stage', '')} "
+                  f"| {_num(b.get('pairs_per_s'))} | {_cell(b.get('line', ''))} |" for label, b in limits]
     tests = report.get("tests") or []
     if tests:
         lines += ["", "| CUDA test | outcome | note |", "|---|---|---|"]

@@ -35,7 +35,7 @@ from harness.report import format_table, write_report
 from harness.timing import Timing, measure, summarize, trace
 from pipelines.formats import RAW_MAX_SIDE
 from pipelines.profile import bottleneck, profile_backend, project
-from pipelines.spec import RecipeSpec, get_recipe
+from pipelines.spec import RecipeSpec, resolve_recipe
 from ressl.config import Config, ConfigError
 from ressl.step import TrainStep, build_optimizer, build_ressl
 
@@ -232,14 +232,18 @@ def _short(e: BaseException) -> str:
 
 
 def _config(args: argparse.Namespace, data: str, batch: int, workers: int) -> Config:
-    """The run's Config: small-data heads for *_cifar backbones, queue rounded up to whole batches."""
-    values: dict[str, Any] = {
+    """The run's Config: the ``--config`` preset's keys (``args._preset``) or, without one, small-data
+    heads for *_cifar backbones; then the measured options; the queue rounded up to whole batches."""
+    preset = getattr(args, "_preset", None)
+    values: dict[str, Any] = {} if preset is None else preset.to_dict()
+    if preset is None and args.model.endswith("_cifar"):
+        values.update(_SMALL_DATA)
+    values.update({
         "data": data, "train_split": args.split, "recipe": args.recipe, "backbone": args.model,
         "batch_size": batch, "num_workers": workers, "seed": args.seed, "channels_last": args.channels_last,
         "precision": args.precision, "compile": args.compile,
-    }
-    if args.model.endswith("_cifar"):
-        values.update(_SMALL_DATA)
+        "recipe_overrides": dict(getattr(args, "recipe_overrides", {})),
+    })
     queue = values.get("queue_size", Config.queue_size)
     values["queue_size"] = math.ceil(queue / batch) * batch
     return Config(**values).validate()
@@ -251,7 +255,7 @@ class _Bench:
     def __init__(self, args: argparse.Namespace, data: str, data_errors: dict[str, str]):
         self.args, self.data, self.data_errors = args, data, data_errors
         self.device = torch.device(args.device)
-        base = get_recipe(args.recipe)
+        base = resolve_recipe(args.recipe, getattr(args, "recipe_overrides", {}))
         self.spec = base if base.weak.size == args.size else base.with_size(args.size)
         self.n_strong = len(self.spec.strong)
         self.steps: dict[int, ModelStep | str] = {}  # batch -> step, or why it cannot be built

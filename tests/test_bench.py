@@ -213,6 +213,47 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, message):
     assert not (tmp_path / "cache").exists(), "nothing may be generated for a bad command line"
 
 
+PRESET_RUN = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--num-images", "20", "--device", "cpu",
+              "--no-stages", "--backend", "torchvision"]
+
+
+def test_a_training_preset_is_measured_as_the_trainer_would_run_it(cache):
+    """--config: the preset's backbone, heads, queue, recipe with its overrides (16-px views), batch and
+    loader keys; its key=value changes apply; an explicit option still wins over the preset."""
+    from ressl.config import load_config
+
+    want = load_config("configs/demo.yaml", ["batch_size=16", "queue_size=64"])
+    report = bench.main([*PRESET_RUN, "--modes", "model", "--workers", "0", "--bench-dir", str(cache),
+                         "--config", "configs/demo.yaml", "batch_size=16", "queue_size=64"])
+    cfg = report["config"]
+    for key in ("backbone", "batch_size", "queue_size", "proj_hidden", "proj_dim", "shuffle_bn_splits", "recipe",
+                "recipe_overrides", "momentum", "tau_s", "tau_t", "warmup_infonce_epochs"):
+        assert cfg[key] == getattr(want, key), key
+    assert cfg["num_workers"] == 0 and report["args"]["size"] == 16 and report["args"]["batch"] == 16
+    assert [v["size"] for v in report["recipe"]["views"]] == [16, 16]
+    (row,) = report["results"]
+    assert row["model"] == "resnet18_w32" and row["batch"] == 16 and row["images_per_s"] > 0
+    # an explicit option wins; another --recipe drops the preset's recipe.* changes (they were for cifar32)
+    other = bench.main([*PRESET_RUN, "--modes", "model", "--workers", "0", "--bench-dir", str(cache),
+                        "--config", "configs/demo.yaml", "--batch", "8", "--recipe", "imagenet224", "--size", "16"])
+    assert other["config"]["batch_size"] == 8 and other["config"]["queue_size"] == 128
+    assert other["config"]["recipe"] == "imagenet224" and other["config"]["recipe_overrides"] == {}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["batch_size=16"], "key=value arguments (batch_size=16) change a --config preset; pass --config"),
+    (["--config", "configs/demo.yaml", "not_a_key=1"], "--config: "),
+    (["--config", "configs/nope.yaml"], "configs/nope.yaml"),
+    (["--config", "configs/demo.yaml", "recipe.weak.nope=1"], "--config: recipe.weak.nope=1: view 'weak' has no field"),
+])
+def test_a_bad_preset_or_change_fails_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        bench.main([*QUICK, "--bench-dir", str(tmp_path / "cache"), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err, err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cuda_device_without_cuda_is_refused(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")

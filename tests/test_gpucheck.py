@@ -265,6 +265,7 @@ def test_cpu_quick_plan_runs_every_step(tmp_path):
     assert written["schema"] == 2 and written["unit"] == "images/s" and written["kind"] == "gpucheck"
     assert written["plan"] == "cpu-quick"
     assert {"machine", "args", "results", "steps"} <= set(written)
+    assert written["bench"] and all({"config", "stages", "bottlenecks"} <= set(b) for b in written["bench"].values())
     md = (out / "gpucheck.md").read_text()
     assert md.startswith("gpucheck (cpu-quick plan)") and "| End to end | ok |" in md and "Training run:" in md
 
@@ -310,3 +311,17 @@ def test_loss_falling_is_read_after_the_queue_refill(tmp_path, losses, want):
     path.write_text("step,loss,knn_top1\n" + "".join(f"{10 * (i + 1)},{x},\n" for i, x in enumerate(losses))
                     + "70,,12.5\n")
     assert gpureport.loss_falling(path, after_step=30) is want
+
+
+def test_the_markdown_names_what_bounds_each_loader():
+    """The loader runs' stage profiles (bench ``bottlenecks``) are kept per bench run and tabled."""
+    line = "torchvision: CPU-bound at decode (1,234 pairs/s on 16 cores)"
+    report = {"plan": "gpu", "date": "2026-12-07T00:00:00+00:00", "budget_s": 600, "wall_s": 10, "steps": [],
+              "bench": {"loader-torchvision": {"stages": [], "bottlenecks": [
+                  {"backend": "torchvision", "limit": "CPU", "stage": "decode", "pairs_per_s": 1234.0, "line": line}]},
+                        "model-rn50": {"stages": None, "bottlenecks": None}}}
+    md = gpureport.format_markdown(report)
+    assert "| bench run | backend | bound by | stage | ceiling pairs/s | note |" in md
+    assert f"| loader-torchvision | torchvision | CPU | decode | 1,234 | {line} |" in md
+    del report["bench"]["loader-torchvision"]
+    assert "bound by" not in gpureport.format_markdown(report)

@@ -9,6 +9,13 @@ The command line over ``harness/measure.py``, which holds the timing, the rows a
     python tools/bench.py --sweep                # loader workers/threads x batch size: how throughput scales
     python tools/bench.py --profile runs/bench/trace   # torch profiler traces (chrome://tracing, Perfetto)
     python tools/bench.py --modes loader,model --project-cores 16   # stages + a 16-core GPU-machine projection
+    python tools/bench.py --config configs/cifar10.yaml batch_size=256   # what that training preset runs
+
+``--config PRESET [key=value ...]`` measures what ``tools/train.py`` would run with that preset: its backbone,
+batch, recipe (with its ``recipe.*`` overrides; size = the recipe's weak view), precision, channels_last,
+compile, heads, queue, shuffle-BN splits and loader keys; an explicit option (``--model``, ``--batch``,
+``--recipe``, ``--size``, ``--precision``, ``--channels-last``, ``--compile``, ``--workers``) still wins. The data is
+still ``--data`` or the generated set, never the preset's ``data=``, so the same bytes are read on every machine.
 
 What each mode times, after ``--warmup`` untimed steps, in ``--repeats`` windows of ``--steps`` steps
 each, with the device synchronised at both ends of every window (mean +- standard deviation over windows):
@@ -78,8 +85,8 @@ import pipelines  # noqa: E402
 from harness.benchdata import DEFAULT_ROOT  # noqa: E402
 from harness.measure import MODES, BenchError, cores, format_table, run, write_report  # noqa: E402
 from pipelines.folder import IMAGE_EXTENSIONS  # noqa: E402
-from pipelines.spec import get_recipe  # noqa: E402
-from ressl.config import run_tool  # noqa: E402
+from pipelines.spec import RecipeError, resolve_recipe  # noqa: E402
+from ressl.config import ConfigError, load_config, run_tool  # noqa: E402
 from ressl.step import resolve_precision  # noqa: E402
 
 __all__ = ["build_parser", "data_failure", "main", "resolve_args"]
@@ -114,17 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {','.join(MODES)} (default: all)")
     p.add_argument("--model", help="backbone name (default: resnet18_cifar on CPU, resnet50 on GPU)")
     p.add_argument("--size", type=int, help="output side of the weak view in px (default: 32 for *_cifar, else 224)")
-    p.add_argument("--recipe", default="imagenet224", help="augmentation preset, rescaled to --size")
+    p.add_argument("--recipe", help="augmentation preset, rescaled to --size (default: imagenet224, or the "
+                                    "--config preset's)")
+    p.add_argument("--config", metavar="PRESET", help="a training preset (configs/*.yaml) to measure; the "
+                                                      "key=value arguments after it change it as on tools/train.py")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="changes of the --config preset")
     p.add_argument("--batch", type=int, help="images per step (default: 32 on CPU, 256 on GPU)")
     p.add_argument("--steps", type=int, help="timed steps per repeat (default: 3 on CPU, 40 on GPU)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default: 2 on CPU, 15 on GPU)")
     p.add_argument("--repeats", type=int, help="timed windows; mean +- std over them (default: 3)")
     p.add_argument("--workers", type=int, help="loader processes (torchvision) or threads (DALI, FFCV); "
                                                "default: the cores this process may use")
-    p.add_argument("--precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
-                   help="autocast dtype (auto: bf16 on GPU, no on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher encoders")
-    p.add_argument("--channels-last", action="store_true", help="channels_last model and batches")
+    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"),
+                   help="autocast dtype (default auto: bf16 on GPU, no on CPU; or the --config preset's)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the student and teacher encoders")
+    p.add_argument("--channels-last", action="store_true", default=None, help="channels_last model and batches")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch intra-op threads of the training process "
                                                "(default: torch's own choice)")
@@ -192,6 +204,36 @@ def data_failure(report: dict[str, Any]) -> str | None:
     return f"no backend read --data {report['data']['root']!r}: " + "; ".join(why)
 
 
+def _apply_preset(args: argparse.Namespace) -> None:
+    """Fill the options left unset from ``--config`` and its overrides (``args._preset``, or None), then
+    the preset-free defaults of recipe, precision, channels_last and compile."""
+    args._preset, args.recipe_overrides = None, {}
+    if args.overrides and not args.config:
+        raise BenchError(f"key=value arguments ({' '.join(args.overrides)}) change a --config preset; pass --config")
+    if args.config:
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            raise BenchError(f"--config: {e}") from None
+        args._preset = cfg
+        if args.recipe is None or args.recipe == cfg.recipe:
+            args.recipe, args.recipe_overrides = cfg.recipe, dict(cfg.recipe_overrides)
+        preset = {"model": cfg.backbone, "batch": cfg.batch_size, "workers": cfg.num_workers,
+                  "precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile}
+        for name, value in preset.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    args.recipe = args.recipe or "imagenet224"
+    args.precision = args.precision or "auto"
+    args.channels_last, args.compile = bool(args.channels_last), bool(args.compile)
+    try:
+        spec = resolve_recipe(args.recipe, args.recipe_overrides)
+    except RecipeError as e:
+        raise BenchError(f"{'--config' if args.recipe_overrides else '--recipe'}: {e}") from None
+    if args.size is None and args._preset is not None:
+        args.size = spec.weak.size
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check every option and fill the device-dependent defaults; raise BenchError naming a bad one.
 
@@ -207,6 +249,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise BenchError(f"--device {args.device} asked for CUDA, but torch sees no CUDA device here")
     if device.type not in ("cpu", "cuda"):
         raise BenchError(f"--device expects cpu or cuda, got {args.device!r}")
+    _apply_preset(args)
     d = _GPU_DEFAULTS if device.type == "cuda" else _CPU_DEFAULTS
     for name in ("model", "batch", "steps", "warmup", "repeats"):
         if getattr(args, name) is None:
@@ -241,10 +284,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise BenchError(f"--modes expects a comma list of {', '.join(MODES)}, got {args.modes!r}")
     args.mode_list = [m for m in MODES if m in modes]
 
-    try:
-        get_recipe(args.recipe)
-    except KeyError as e:
-        raise BenchError(f"--recipe: {e.args[0]}") from None
     try:
         from ressl.models import check_backbone_name
     except ImportError:

@@ -183,7 +183,8 @@ def _bench(ctx: Context, label: str, step: str, extra: Sequence[str], timeout: f
     if o.status != "ok" or not out.is_file():
         return o, []
     report = json.loads(out.read_text())
-    ctx.report.setdefault("bench", {})[label] = {k: report.get(k) for k in ("args", "config", "recipe", "data")}
+    ctx.report.setdefault("bench", {})[label] = {k: report.get(k) for k in ("args", "config", "recipe", "data",
+                                                                               "stages", "bottlenecks")}
     rows = [{**r, "step": step, "label": label} for r in report["results"]]
     for r in rows:
         if "is not installed" in (r.get("error") or ""):

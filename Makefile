@@ -22,7 +22,7 @@ help:
 	@echo "make setup            create .venv/ and install ressl with all extras (+ Debian packages FFCV needs, as root)"
 	@echo "make train            demo dataset (if missing) + a short demo run with kNN before/after"
 	@echo "                      reads CONFIG OUT ARGS   e.g. make train ARGS=\"seed=1\" (training overrides key=value)"
-	@echo "make learn-check      demo data: random init vs MoCo v2 vs ReSSL (1x, 3x) vs TPAMI vs seed-004, one budget (table + JSON)"
+	@echo "make learn-check      demo data: random init vs MoCo v2 vs ReSSL (1x, 3x) vs TPAMI vs relation + instance term, one budget (table + JSON)"
 	@echo "                      reads CONFIG OUT SEEDS ARGS   e.g. make learn-check SEEDS=3 (seeds 0,1,2: mean +- sd)"
 	@echo "make train-graph      digits k-NN graph (if missing) + a short RGRL run with node accuracy before/after"
 	@echo "                      reads OUT ARGS"

@@ -24,7 +24,7 @@ TINY = small_args(pred_hidden=16, queue_size=16, knn_before="false", max_steps=2
 
 def test_variant_overrides():
     assert learncheck.variant_overrides("moco-v2", 7)[:2] == ["epochs=7", "warmup_infonce_epochs=7"]
-    assert "w_sim=1" in learncheck.variant_overrides("seed-004", 3)
+    assert "w_sim=1" in learncheck.variant_overrides("instance-term", 3)
     assert learncheck.variant_overrides("random-init", 3) == learncheck.variant_overrides("as-configured", 3) \
         == ["epochs=3"]
     # ressl-3x: the relation-only keys at three times the epochs, and the step cap when there is one
@@ -138,7 +138,7 @@ def test_every_variant_trains_for_real(image_folder, tmp_path):
         assert (run["steps"] is None) == (name == "random-init") == (run["train_s"] is None)
         assert (run["plateau"] is not None) == (name in ("ressl", "ressl-3x")), name
     assert rows["ressl"]["runs"][0]["steps"] == 2 and rows["ressl-3x"]["runs"][0]["steps"] == 6
-    assert rows["ressl-3x"]["epochs"] == 3 and rows["seed-004"]["runs"][0]["final_loss"] is not None
+    assert rows["ressl-3x"]["epochs"] == 3 and rows["instance-term"]["runs"][0]["final_loss"] is not None
     assert rows["ressl-3x"]["runs"][0]["plateau"]["last_step"] == 6  # read from the run's own metrics.csv
     assert set(saved["ressl_ge_moco_v2"]) == {"knn_top1", "linear_top1"}
     table = (out / "learncheck.md").read_text()

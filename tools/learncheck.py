@@ -1,4 +1,4 @@
-"""Does it learn? Random init vs MoCo v2 vs ReSSL vs TPAMI vs seed-004 at one budget, over seeds.
+"""Does it learn? Random init vs MoCo v2 vs ReSSL vs TPAMI vs the instance term at one budget, over seeds.
 
     python tools/learncheck.py                                   # demo data, configs/demo.yaml, its epochs, seed 0
     python tools/learncheck.py --seeds 0,1,2                     # every row for 3 seeds: mean +- sd
@@ -78,9 +78,8 @@ VARIANTS: dict[str, Variant] = {
     # does the relation loss alone leave the plateau given time? (the demo budget keeps it there ~half the run)
     "ressl-3x": Variant("relation loss only, 3x the budget", _RELATION_ONLY, budget=3),
     "tpami": Variant("predictor + InfoNCE warm-up, then relation", {"predictor": "true", "w_sim": "0"}),
-    "seed-004": Variant("relation + instance term 2 - 2cos(p, k)", {"warmup_infonce_epochs": "0",
-                                                                    "infonce_blend_epochs": "0", "predictor": "true",
-                                                                    "w_sim": "1"}),
+    "instance-term": Variant("relation + instance term 2 - 2cos(p, k)", {
+        "warmup_infonce_epochs": "0", "infonce_blend_epochs": "0", "predictor": "true", "w_sim": "1"}),
     # the run `make train` makes (demo: relation loss after a 4+2-epoch InfoNCE warm-up, no predictor)
     "as-configured": Variant("the config unchanged"),
 }

@@ -1,12 +1,16 @@
-"""Shared fixtures: a tiny real-image ImageFolder tree written to a temp dir."""
+"""Shared fixtures: a tiny real-image ImageFolder tree written to a temp dir, a tree with bad files, a dead pid."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from data_files import jpeg_bytes, png_bytes
 from PIL import Image
 
 
@@ -35,6 +39,31 @@ def image_folder(tmp_path_factory) -> Path:
     write_image_folder(root / "train", per_class=8, seed=0)
     write_image_folder(root / "val", per_class=4, seed=1)
     return root
+
+
+@pytest.fixture()
+def bad_tree(tmp_path) -> Path:
+    """train/ with 2 classes x 6 good PNGs, plus a zero-byte, a truncated and a random-bytes file, and a
+    valid image whose name is not UTF-8."""
+    for c in range(2):
+        d = tmp_path / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(6):
+            (d / f"{i}.png").write_bytes(png_bytes(10 * c + i))
+    (tmp_path / "train" / "c0" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "train" / "c0" / "truncated.jpg").write_bytes(jpeg_bytes(99)[:200])
+    (tmp_path / "train" / "c1" / "noise.png").write_bytes(np.random.default_rng(5).bytes(500))
+    with open(os.path.join(os.fsencode(tmp_path / "train" / "c1"), b"caf\xe9.png"), "wb") as f:
+        f.write(png_bytes(77))
+    return tmp_path
+
+
+@pytest.fixture()
+def dead_pid() -> int:
+    """The pid of a process that has exited (what a killed run leaves in its lock or temp-file names)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
 
 
 @pytest.fixture(autouse=True)

@@ -1,17 +1,21 @@
-"""Config: presets load, overrides apply, impossible values fail before any work."""
+"""ressl/config.py: presets load, overrides apply, impossible values fail before any work, every loader option
+is a declared key, and the tools print a config error as one line and exit 2."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from pipelines.batch import LoaderConfig
 from pipelines.spec import resolve_recipe
 from ressl.config import RESUME_CHANGEABLE, Config, ConfigError, load_config, resume_changes
 
+ROOT = Path(__file__).resolve().parents[1]
 # rgrl-*.yaml are GraphConfig presets for tools/train_graph.py (tests/test_graph*.py load them)
-CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/*.yaml")
-                 if not p.stem.startswith("rgrl-"))
+CONFIGS = sorted(p for p in ROOT.glob("configs/*.yaml") if not p.stem.startswith("rgrl-"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -132,7 +136,7 @@ def test_config_does_not_import_pipelines():
 
 def test_duplicate_key_in_a_preset_is_refused_naming_both_lines(tmp_path):
     """A line appended to a preset must not silently win over the key already set above it."""
-    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    demo = ROOT / "configs" / "demo.yaml"
     lines = demo.read_text().splitlines()
     first = next(i for i, line in enumerate(lines, start=1) if line.startswith("lr:"))
     p = tmp_path / "demo.yaml"
@@ -176,3 +180,46 @@ def test_world_checks_split_batchnorm_groups():
     cfg.check_world(2)  # 8 per process, 4 groups of 2
     with pytest.raises(ConfigError, match=r"per-process batch 4 \(batch_size=16 over 4 processes\)"):
         load_config(None, ["batch_size=16", "queue_size=64", "shuffle_bn_splits=8"]).check_world(4)
+
+
+def test_every_loader_option_is_a_declared_config_key():
+    declared = {f.name: f.default for f in dataclasses.fields(Config)}
+    for f in dataclasses.fields(LoaderConfig):
+        assert f.name in declared, f"LoaderConfig.{f.name} is not a Config key"
+        if f.default is not dataclasses.MISSING:
+            assert declared[f.name] == f.default, (f.name, declared[f.name], f.default)
+    cfg = load_config(None, ["num_workers=3", "ffcv_order=random", "ffcv_os_cache=false", "ffcv_batches_ahead=2"])
+    lc = LoaderConfig.of(cfg)
+    assert (lc.num_workers, lc.threads, lc.ffcv_order, lc.ffcv_os_cache, lc.ffcv_batches_ahead) == (
+        3, 3, "random", False, 2)
+    assert LoaderConfig.of(load_config(None, ["num_threads=5"])).threads == 5
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        lc.per_process_batch(3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tools/train.py", "lr=two"], "error: override: key 'lr' expects float"),
+    (["tools/train.py", "recipe.strong.blur_p=2"], "error: recipe.strong.blur_p=2: ViewSpec 'strong'"),
+    (["tools/eval.py", "--ckpt", "{bogus}", "--data", "."], "error: "),
+    (["tools/export.py", "--ckpt", "{bogus}", "--out", "x.pth"], "error: "),
+    (["tools/eval.py", "--ckpt", "{notes}", "--data", "."], "is not a trainer checkpoint: it is not a torch.save"),
+    (["tools/eval.py", "--ckpt", "{missing}"], "error: checkpoint '{missing}' does not exist"),
+    (["tools/export.py", "--ckpt", "{missing}", "--out", "x.pth"], "error: checkpoint '{missing}' does not exist"),
+    (["tools/train.py", "--config", "configs/demo.yaml", "data={missing}", "out_dir={tmp}"],
+     "error: dataset directory '{missing}' does not exist"),
+])
+def test_config_errors_print_the_message_alone_and_exit_2(argv, message, tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"model": {}, "config": {"bogus_key": 1}}, bogus)
+    (tmp_path / "notes.pt").write_text("a text file named like a checkpoint")
+    names = {"{bogus}": str(bogus), "{notes}": str(tmp_path / "notes.pt"), "{missing}": str(tmp_path / "missing"),
+             "{tmp}": str(tmp_path)}
+    for k, v in names.items():
+        argv = [a.replace(k, v) for a in argv]
+        message = message.replace(k, v)
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
+    if ("eval" in argv[0] or "export" in argv[0]) and str(bogus) in argv:
+        assert "bogus_key" in r.stderr
+    assert "weights_only" not in r.stderr

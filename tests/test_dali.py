@@ -1,4 +1,5 @@
-"""DALI backend on the CPU: parity with the torchvision reference, exact per-op checks, sharding, errors.
+"""pipelines/dali.py on the CPU: parity with the torchvision reference, exact per-op checks, sharding, errors,
+and bad files or records skipped, counted and named.
 
 Most checks use an "identity" recipe: square images read at their own size with scale = ratio = 1, so
 the crop is the whole image and the weak view (no flip) reproduces the stored pixels. Each strong
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from data_files import jpeg_bytes, png_bytes
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -339,6 +342,31 @@ def test_bad_input_is_named(tmp_path, noise_data):
         dali(data, spec, batch_size=9, world_size=2)
     with pytest.raises(FileNotFoundError, match="no DALI-readable data"):
         dali(tmp_path / "other" / "nothing", spec)
+
+
+def test_dali_tree_skips_counts_and_names_bad_files(bad_tree, caplog):
+    with caplog.at_level(logging.WARNING):
+        loader = dali(bad_tree, get_recipe("cifar32"), batch_size=4, num_workers=0)
+    assert loader.bad_files == 3 and loader.num_samples == 13  # 12 good + the non-UTF-8 name
+    for name in ("empty.jpg", "truncated.jpg", "noise.png"):
+        assert name in caplog.text, name
+    assert "3 of 16 samples do not decode" in caplog.text
+    loader.set_epoch(0)
+    labels = torch.cat([b.label for b in loader])
+    assert len(labels) == 12 and set(labels.tolist()) == {0, 1}  # 13 // 4 = 3 whole batches
+
+
+def test_dali_recordio_skips_and_names_corrupt_records(tmp_path, caplog):
+    payloads = [(png_bytes(i), i % 2) for i in range(12)]
+    payloads[3] = (np.random.default_rng(1).bytes(300), 1)  # random bytes where an image should be
+    payloads[7] = (jpeg_bytes(7)[:150], 1)  # a truncated JPEG
+    write_recordio(tmp_path / "train.rec", tmp_path / "train.idx", payloads)
+    with caplog.at_level(logging.WARNING):
+        loader = dali(tmp_path, get_recipe("cifar32"), batch_size=4, num_workers=0)
+    assert loader.bad_files == 2 and sorted(loader.bad) == [3, 7]
+    assert f"record 3 of {tmp_path / 'train.rec'}" in caplog.text and "record 7 of" in caplog.text
+    loader.set_epoch(1)
+    assert sum(len(b.label) for b in loader) == 8  # 10 good records: 2 whole batches of 4
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+from data_files import read_beton, sha256
 
 from pipelines.formats import kernels
 from pipelines.formats.recordio import (
@@ -243,19 +244,6 @@ def test_dali_reads_our_recordio(tmp_path):
 # FFCV .beton
 
 
-def _read_beton(path, n: int) -> tuple[np.ndarray, np.ndarray]:
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    loader = Loader(str(path), batch_size=n, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
-    images, labels = [], []
-    for im, lab in loader:
-        images.append(np.array(im))
-        labels.append(np.array(lab).ravel())
-    return np.concatenate(images), np.concatenate(labels)
-
-
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
@@ -270,14 +258,14 @@ def test_beton_raw_and_jpg_round_trip(tmp_path):
     labels = rng.integers(0, 100, 10)
     raw = tmp_path / "raw.beton"
     assert write_beton(raw, [(noise[i], int(labels[i])) for i in range(10)], mode="raw") == 10
-    got, got_labels = _read_beton(raw, 10)
+    got, got_labels = read_beton(raw, 10)
     np.testing.assert_array_equal(got, noise)
     np.testing.assert_array_equal(got_labels, labels)
 
     smooth = _smooth_images(8, 48, 64, seed=5)
     jpg = tmp_path / "jpg.beton"
     write_beton(jpg, [(im, i) for i, im in enumerate(smooth)], mode="jpg", quality=90, num_workers=2)
-    got, got_labels = _read_beton(jpg, 8)
+    got, got_labels = read_beton(jpg, 8)
     np.testing.assert_array_equal(got_labels, np.arange(8))
     assert got.shape == smooth.shape
     assert min(_psnr(g, s) for g, s in zip(got, smooth)) > 30
@@ -304,6 +292,24 @@ def test_beton_failing_sample_raises_and_writes_nothing(tmp_path):
         write_beton(tmp_path / "y.beton", [])
     with pytest.raises(ValueError, match="beton mode"):
         write_beton(tmp_path / "z.beton", [(np.zeros((2, 2, 3), np.uint8), 0)], mode="png")
+
+
+def test_write_beton_is_byte_identical_across_workers_in_every_mode(tmp_path):
+    pytest.importorskip("ffcv", reason="FFCV is not installed (the [ffcv] extra)")
+    from pipelines.formats.beton import write_beton
+
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, 256, (int(rng.integers(8, 40)), int(rng.integers(8, 40)), 3), dtype=np.uint8),
+                i % 7) for i in range(60)]
+    for mode in ("raw", "proportion"):
+        shas = set()
+        for workers in (1, 3):
+            path = tmp_path / f"{mode}{workers}.beton"
+            write_beton(path, samples, mode=mode, num_workers=workers, chunk_size=4)
+            shas.add(sha256(path))
+        assert len(shas) == 1, mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proportion1.beton", "proportion3.beton",
+                                                         "raw1.beton", "raw3.beton"]
 
 
 def test_one_synthetic_jpeg_generator(tmp_path):

@@ -1,7 +1,13 @@
-"""ressl/run.py: the trainers' shared scaffolding (command line, run directory, resume lookup, RNG state)."""
+"""ressl/run.py: the trainers' shared scaffolding (command line, run directory and its lock, resume lookup, RNG
+state)."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +16,9 @@ import pytest
 import torch
 
 from ressl.config import ConfigError
-from ressl.run import find_checkpoint, open_run, parse_cli, restore_rng, rng_state
+from ressl.run import RunLock, RunLockedError, find_checkpoint, open_run, parse_cli, restore_rng, rng_state
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -76,3 +84,35 @@ def test_stale_temp_files_are_removed_when_the_run_opens(tmp_path):
     (run / f".last.pt.tmp-{2**22 + 7}").write_bytes(b"")
     with open_run(_Cfg(str(tmp_path)), overwrite=False):
         assert [p.name for p in run.iterdir()] == [".lock"]
+
+
+# --- the run directory lock -------------------------------------------------------------------------------------
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog, dead_pid):
+    pid = dead_pid
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": 1.0, "argv": ["x"]}))
+    with caplog.at_level("WARNING"), RunLock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert any(f"pid {pid}" in r.message and "gone" in r.message for r in caplog.records)
+    assert not lock.exists()
+
+
+def test_lock_of_another_host_is_refused(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere-host", "argv": ["train.py"]}))
+    with pytest.raises(RunLockedError, match=r"pid 1 on elsewhere-host.*another host.*delete"):
+        RunLock(tmp_path).acquire()
+
+
+def test_lock_held_by_another_live_process_is_refused(tmp_path):
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from ressl.run import RunLock; "
+            "l = RunLock(sys.argv[2]); l.acquire(); print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=rf"in use by pid {p.pid} "):
+            RunLock(tmp_path).acquire()
+    finally:
+        p.kill()
+        p.wait()
+    with RunLock(tmp_path):  # killed holder: the kernel dropped its flock, the file is taken over
+        pass

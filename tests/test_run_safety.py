@@ -1,18 +1,24 @@
 """tools/train.py under misuse: no result lost, no run reported as success in a wrong state, and every bad
 input stopped before the work with its message alone (exit 2).
 
-Covers a fresh start over an existing run, checkpoints that are not one, run directories that cannot be
-written, data that cannot fill a batch, views that cannot fit, a disk that fills at checkpoint time, the
-NaN stop as the tool prints it, and a run that ends collapsed.
+Covers a run directory another run holds, a finished run re-run, a longer schedule, a resume with keys that
+cannot change, a fresh start over an existing run, checkpoints that are not one, run directories that cannot
+be written, an interrupted checkpoint's temp file, recipe overrides (recorded, or refused before any work),
+data that cannot fill a batch, views that cannot fit, a disk that fills at checkpoint time, the NaN stop (its
+message, and the resume command it gives), and a run that ends collapsed.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import resource
+import shlex
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -22,6 +28,8 @@ from trainer_config import small_config
 
 import ressl.io
 from ressl.config import ConfigError, RunError, run_tool
+from ressl.run import RunLock, RunLockedError
+from ressl.schedule import lr_factor
 from tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +51,56 @@ def tool(capsys, cfg) -> tuple[int, str]:
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r["loss"]]
+
+
+# --- a run directory another run holds ------------------------------------------------------------------------
+def test_a_second_run_on_a_held_directory_is_refused_naming_the_holder(image_folder, tmp_path):
+    (tmp_path / "same").mkdir()
+    with RunLock(tmp_path / "same"):
+        with pytest.raises(RunLockedError, match=rf"in use by pid {os.getpid()} on {socket.gethostname()}"):
+            train.main(small_config(image_folder, tmp_path, "name=same", "max_steps=2"))
+    assert not (tmp_path / "same" / "metrics.csv").exists()
+    assert not (tmp_path / "same" / ".lock").exists()  # released by the holder
+
+
+# --- finished runs, longer schedules, changed configs ---------------------------------------------------------
+def test_finished_run_is_left_alone_and_a_longer_schedule_continues(image_folder, tmp_path, capsys):
+    run = tmp_path / "fin"
+    first = train.main(small_config(image_folder, tmp_path, "name=fin", "max_steps=4", "ckpt_every=2"))
+    outputs = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    again = train.main(small_config(image_folder, tmp_path, "name=fin", "max_steps=4", "ckpt_every=2"))
+    assert "already finished (4 of 4 steps" in capsys.readouterr().out
+    assert again["losses"] == first["losses"] and len(first["losses"]) == 4
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == outputs
+
+    longer = train.main(small_config(image_folder, tmp_path, "name=fin", "max_steps=7", "ckpt_every=2"))
+    assert longer["steps"] == 7 and len(longer["losses"]) == 3
+    r = rows(run)
+    assert [int(x["step"]) for x in r] == list(range(1, 8))  # no step twice
+    # steps 5..7 run at the new schedule's lr (cosine over 7 steps), re-spread from the resumed step
+    for x in r[4:]:
+        assert float(x["lr"]) == pytest.approx(0.2 * 8 / 256 * lr_factor(int(x["step"]), 0, 7), rel=1e-6)
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 7
+
+
+def test_resume_refuses_keys_that_cannot_change_and_lists_them(image_folder, tmp_path):
+    train.main(small_config(image_folder, tmp_path, "name=chg", "max_steps=2"))
+    before = (tmp_path / "chg" / "metrics.csv").read_bytes()
+    with pytest.raises(ConfigError) as e:
+        train.main(small_config(image_folder, tmp_path, "name=chg", "max_steps=4", "batch_size=16",
+                                "recipe.strong.blur_p=0.5", "proj_dim=8"))
+    msg = str(e.value)
+    for line in ("batch_size: 8 in the checkpoint, 16 now", "proj_dim: 16 in the checkpoint, 8 now",
+                 "recipe_overrides: {} in the checkpoint, {'strong.blur_p': 0.5} now"):
+        assert line in msg
+    assert "max_steps" not in msg  # a longer schedule is allowed
+    assert (tmp_path / "chg" / "metrics.csv").read_bytes() == before
 
 
 # --- a fresh start over an existing run -------------------------------------------------------------------
@@ -116,6 +174,37 @@ def test_out_dir_that_is_a_file_or_read_only_is_refused(image_folder, tmp_path, 
     (tmp_path / "ro" / ".lock").mkdir(parents=True)
     status, err = tool(capsys, small_cfg(image_folder, tmp_path, "name=ro", "max_steps=2"))
     assert status == 2 and f"cannot write in the run directory {tmp_path / 'ro'}" in err, err
+
+
+def test_interrupted_checkpoint_temp_file_is_removed(image_folder, tmp_path, dead_pid):
+    run = tmp_path / "tmpf"
+    run.mkdir()
+    stale = run / f".last.pt.tmp-{dead_pid}"
+    stale.write_bytes(b"\0" * 1024)
+    train.main(small_config(image_folder, tmp_path, "name=tmpf", "max_steps=1"))
+    assert not stale.exists()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+
+# --- recipe overrides: recorded with the run, or refused before any work ----------------------------------------
+def test_recipe_overrides_reach_the_checkpoint_and_summary(image_folder, tmp_path):
+    s = train.main(small_config(image_folder, tmp_path, "name=rec", "max_steps=1", "recipe.strong.blur_p=0.5",
+                                "recipe.weak.scale=[0.5,1.0]"))
+    want = {"strong.blur_p": 0.5, "weak.scale": [0.5, 1.0]}
+    assert s["recipe_overrides"] == want
+    assert json.loads((tmp_path / "rec" / "summary.json").read_text())["config"]["recipe_overrides"] == want
+    assert torch.load(tmp_path / "rec" / "last.pt", weights_only=True)["config"]["recipe_overrides"] == want
+
+
+@pytest.mark.parametrize("override, message", [
+    ("recipe.strong.blur_p=1.5", "recipe.strong.blur_p=1.5: ViewSpec 'strong': blur_p is a probability"),
+    ("recipe.nope.size=8", "has no view 'nope'"),
+    ("recipe=nope", "unknown recipe 'nope'"),
+])
+def test_bad_recipe_fails_before_any_work(override, message, image_folder, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        train.main(small_config(image_folder, tmp_path, "name=bad", override))
+    assert not (tmp_path / "bad").exists()
 
 
 # --- data that cannot fill a batch, views that cannot fit ---------------------------------------------------
@@ -201,6 +290,38 @@ def test_nan_stop_is_one_message_and_exit_2(image_folder, tmp_path, monkeypatch,
     assert status == 2 and "\nerror: loss became NaN/inf by step 2" in err and "Traceback" not in err, err
     assert "resume=no" in err and not (tmp_path / "nan" / "last.pt").exists()
     assert issubclass(train.NonFiniteLossError, RunError)
+
+
+def test_nan_message_gives_a_command_that_resumes_with_a_lower_lr(image_folder, tmp_path, monkeypatch):
+    from ressl.method import ReSSL
+
+    real_forward, calls = ReSSL.forward, {"n": 0}
+
+    def nan_after_4(self, *a, **k):
+        calls["n"] += 1
+        loss, metrics = real_forward(self, *a, **k)
+        return (loss * float("nan") if calls["n"] > 4 else loss), metrics
+
+    monkeypatch.setattr(ReSSL, "forward", nan_after_4)
+    cfg = small_config(image_folder, tmp_path, "name=nan", "max_steps=8", "ckpt_every=2", "log_every=3")
+    with pytest.raises(train.NonFiniteLossError) as e:
+        train.main(cfg)
+    monkeypatch.setattr(ReSSL, "forward", real_forward)
+    msg = str(e.value)
+    assert "by step 6" in msg and "stopping without saving" in msg and "step 4" in msg  # the good checkpoint
+    resume_cmd = next(line.strip() for line in msg.splitlines() if "resume=" in line and "resume=no" not in line)
+    argv = shlex.split(resume_cmd)
+    assert argv[:2] == ["python", os.path.relpath(ROOT / "tools" / "train.py")]
+    summary = train.main(train.parse_args(argv[2:]))  # exactly what the user would run
+    assert summary["steps"] == 8
+    r = rows(tmp_path / "nan")
+    assert [int(x["step"]) for x in r] == [3, 6, 8]  # the row before the checkpoint (step 4) kept, none twice
+    for x in r[1:]:  # the halved lr really applies after the resume
+        assert float(x["lr"]) == pytest.approx(0.1 * 8 / 256 * lr_factor(int(x["step"]), 0, 8), rel=1e-6)
+
+    fresh_cmd = next(line.strip() for line in msg.splitlines() if "resume=no" in line)
+    cfg2 = train.parse_args(shlex.split(fresh_cmd)[2:])
+    assert cfg2.name == "nan-lr0.1" and cfg2.lr == 0.1 and cfg2.resume == "no"
 
 
 # --- a run that ends collapsed -------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The training loop end to end on CPU: loss goes down, resume is exact, NaN stops, 2 processes agree."""
+"""tools/train.py end to end on CPU: loss goes down, resume is exact, NaN stops, 2 processes agree, the kNN
+monitor says once why it is off."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_files import class_tree
 from trainer_config import small_args, small_config
 
+from pipelines.spec import get_recipe
+from ressl.config import load_config
 from tools import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +109,17 @@ def test_nan_loss_stops_with_a_clear_message(image_folder, tmp_path, monkeypatch
 def test_missing_data_fails_before_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train.main(small_cfg(tmp_path / "missing", tmp_path, "name=m"))
+
+
+def test_knn_monitor_says_once_why_it_is_off(tmp_path, caplog):
+    class_tree(tmp_path / "train", ["a", "b"])  # no val split in any layout
+    cfg = load_config(None, [f"data={tmp_path}", "recipe=cifar32", "batch_size=4", "queue_size=8"])
+    train._KNN_OFF.clear()
+    with caplog.at_level(logging.WARNING):
+        got = [train.knn_monitor(cfg, get_recipe("cifar32"), torch.nn.Identity(), torch.device("cpu"))
+               for _ in range(3)]
+    assert got == [None, None, None]
+    assert caplog.text.count("kNN monitor off") == 1 and "no split 'val'" in caplog.text
 
 
 def _accelerate_two_cpu(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -1,22 +1,24 @@
-"""Converter reliability (issues "Reliability" and "Training that provably learns", data rows): the record
-order, bad data (16-bit images, empty class folders, one odd-sized image), changed sources, worker
-counts and killed writers. Each test reproduces what went wrong before the fix."""
+"""pipelines/formats/convert.py (with encode.py, options.py and the manifest): the seeded record order, bad
+data (16-bit images, empty class folders, one odd-sized or oversized image, a sample over a .beton page),
+changed sources, any worker count writing the same bytes, a failing write, the output directory's lock, the
+finished-output check by hash, one decode per image, symlink loops, and the dataset tool's --seed."""
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
+import io
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from data_files import read_beton, save_image, sha256
 
 from pipelines.formats.convert import ConvertOptions, convert, record_order
 from pipelines.formats.recordio import RecordIOReader
@@ -24,16 +26,8 @@ from pipelines.formats.sources import SourceError, build_source
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False)
-needs_ffcv = pytest.mark.skipif(__import__("importlib").util.find_spec("ffcv") is None,
+needs_ffcv = pytest.mark.skipif(importlib.util.find_spec("ffcv") is None,
                                 reason="FFCV is not installed (the [ffcv] extra)")
-
-
-def _save(path: Path, image: np.ndarray, fmt: str = "PNG") -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format=fmt)
-    return path
 
 
 def _class_sorted_tree(root: Path, classes: int = 4, per_class: int = 6, side: int = 12, seed: int = 0) -> None:
@@ -41,20 +35,7 @@ def _class_sorted_tree(root: Path, classes: int = 4, per_class: int = 6, side: i
     rng = np.random.default_rng(seed)
     for c in range(classes):
         for k in range(per_class):
-            _save(root / f"c{c}" / f"{k:03d}.png", rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
-
-
-def _read_beton_labels(path: Path) -> np.ndarray:
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    loader = Loader(str(path), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
-    return np.concatenate([np.array(lab).ravel() for _, lab in loader])
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+            save_image(root / f"c{c}" / f"{k:03d}.png", rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +55,7 @@ def test_records_are_written_in_a_seeded_random_order(tmp_path):
     records = list(RecordIOReader(out / "train.rec", out / "train.idx"))
     assert [r.id for r in records] == order.tolist()
     assert [int(r.label) for r in records] == labels[order].tolist()  # labels travel with their images
-    np.testing.assert_array_equal(_read_beton_labels(out / "train.beton"), labels[order])
+    np.testing.assert_array_equal(read_beton(out / "train.beton")[1], labels[order])
     assert manifest["order"]["seed"] == 3
     assert manifest["outputs"]["train.rec"]["params"]["seed"] == 3
     # the first quarter of the records (one rank's contiguous shard of 4) holds most classes, not one
@@ -97,34 +78,17 @@ def test_16_bit_png_is_scaled_to_8_bits_and_the_reason_says_so(tmp_path):
     path.parent.mkdir(parents=True)
     Image.fromarray(ramp).save(path)
     assert Image.open(path).mode == "I;16"
-    _save(tmp_path / "src" / "a" / "plain.png", np.zeros((4, 4, 3), np.uint8))
+    save_image(tmp_path / "src" / "a" / "plain.png", np.zeros((4, 4, 3), np.uint8))
     manifest = convert(build_source("folder", tmp_path / "src"), tmp_path / "out",
                        ConvertOptions(formats=("rec",), **QUIET))
     entry = next(b for b in manifest["bad_files"] if b["file"].endswith("deep.png"))
     assert "16-bit" in entry["reason"] and "scaled to 8 bits" in entry["reason"]
     out = tmp_path / "out" / "folder"
     rec = next(r for r in RecordIOReader(out / "train.rec", out / "train.idx") if r.id == 0)
-    import io
-
     got = np.asarray(Image.open(io.BytesIO(rec.payload)).convert("RGB")).astype(np.float64)
     want = np.round(ramp / 257.0)
     assert np.abs(got[..., 0] - want).mean() < 3  # JPEG of a ramp; clipping would give ~250 everywhere
     assert got.mean() < 160 and abs(got.mean() - want.mean()) < 3
-
-
-def test_the_one_rgb_loader_scales_16_bit_images_for_training_too(tmp_path):
-    """A linked source tree is read by the loaders through pipelines.folder: same scaling as the converter."""
-    from PIL import Image
-
-    from pipelines.folder import load_rgb, to_rgb
-
-    ramp = (np.arange(8 * 16, dtype=np.uint32).reshape(8, 16) * 500).astype(np.uint16)
-    Image.fromarray(ramp).save(tmp_path / "deep.png")
-    got = np.asarray(load_rgb(tmp_path / "deep.png"))
-    assert got.dtype == np.uint8 and got.shape == (8, 16, 3)
-    np.testing.assert_array_equal(got[..., 1], np.round(ramp / 257.0).astype(np.uint8))
-    floats = Image.fromarray(np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4), mode="F")
-    assert np.asarray(to_rgb(floats))[..., 0].tolist()[0][0] == 0 and np.asarray(to_rgb(floats)).max() == 255
 
 
 def test_empty_class_folder_is_left_out_with_a_warning(tmp_path, caplog):
@@ -143,7 +107,7 @@ def test_empty_class_folder_is_left_out_with_a_warning(tmp_path, caplog):
     assert manifest["skipped_classes"][0]["class"] == "b_empty"
     assert sorted(p.name for p in (tmp_path / "out" / "folder" / "train").iterdir()) == ["c0", "c1"]
 
-    _save(tmp_path / "src" / "val" / "b_empty" / "x.png", np.zeros((4, 4, 3), np.uint8))
+    save_image(tmp_path / "src" / "val" / "b_empty" / "x.png", np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(SourceError, match=r"\['b_empty'\] are empty but .*val has images"):
         build_source("folder", tmp_path / "src")
     (tmp_path / "classes.txt").write_text("b_empty\nc0\n")
@@ -155,7 +119,7 @@ def test_empty_class_folder_is_left_out_with_a_warning(tmp_path, caplog):
 def test_beton_mode_is_decided_once_per_dataset(tmp_path):
     """Before: one 4000x10 image turned train.beton into JPEG while val stayed raw."""
     _class_sorted_tree(tmp_path / "src" / "train", classes=2, per_class=5, side=16)
-    _save(tmp_path / "src" / "train" / "c0" / "wide.png", np.full((10, 4000, 3), 128, np.uint8))
+    save_image(tmp_path / "src" / "train" / "c0" / "wide.png", np.full((10, 4000, 3), 128, np.uint8))
     _class_sorted_tree(tmp_path / "src" / "val", classes=2, per_class=2, side=16)
     manifest = convert(build_source("folder", tmp_path / "src"), tmp_path / "out",
                        ConvertOptions(formats=("beton",), **QUIET))
@@ -173,7 +137,7 @@ def test_changed_source_is_noticed_and_rebuilt(tmp_path, caplog):
     first = rec.stat().st_mtime_ns
     convert(build_source("folder", tmp_path / "src"), tmp_path / "out", opts)
     assert rec.stat().st_mtime_ns == first  # unchanged source: nothing rebuilt
-    _save(tmp_path / "src" / "c1" / "new.png", np.zeros((12, 12, 3), np.uint8))
+    save_image(tmp_path / "src" / "c1" / "new.png", np.zeros((12, 12, 3), np.uint8))
     caplog.set_level(logging.WARNING)
     manifest = convert(build_source("folder", tmp_path / "src"), tmp_path / "out", opts)
     assert "the source changed since the last conversion" in caplog.text
@@ -193,7 +157,7 @@ def test_changed_source_is_noticed_and_rebuilt(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------------------
-# worker counts and kills
+# worker counts, the manifest, the command line
 
 
 @needs_ffcv
@@ -205,97 +169,8 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path):
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
         convert(source, out, ConvertOptions(formats=("rec", "beton"), workers=workers, **QUIET))
-        digests[workers] = {f: _sha(out / "folder" / f) for f in ("train.beton", "train.rec", "train.idx")}
+        digests[workers] = {f: sha256(out / "folder" / f) for f in ("train.beton", "train.rec", "train.idx")}
     assert digests[1] == digests[2]
-
-
-@needs_ffcv
-def test_write_beton_is_byte_identical_across_workers_in_every_mode(tmp_path):
-    from pipelines.formats.beton import write_beton
-
-    rng = np.random.default_rng(0)
-    samples = [(rng.integers(0, 256, (int(rng.integers(8, 40)), int(rng.integers(8, 40)), 3), dtype=np.uint8),
-                i % 7) for i in range(60)]
-    for mode in ("raw", "proportion"):
-        shas = set()
-        for workers in (1, 3):
-            path = tmp_path / f"{mode}{workers}.beton"
-            write_beton(path, samples, mode=mode, num_workers=workers, chunk_size=4)
-            shas.add(_sha(path))
-        assert len(shas) == 1, mode
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["proportion1.beton", "proportion3.beton",
-                                                         "raw1.beton", "raw3.beton"]
-
-
-_SLOW_WRITER = textwrap.dedent("""
-    import sys, time
-    import numpy as np
-    sys.path.insert(0, {root!r})
-    from pipelines.formats.beton import write_beton
-
-    class Slow:
-        def __len__(self):
-            return 300
-
-        def __getitem__(self, i):
-            time.sleep(0.07)
-            return np.zeros((8, 8, 3), np.uint8), i
-
-    write_beton({out!r}, Slow(), mode="raw", num_workers=2, chunk_size=5)
-""")
-
-
-def _cmdline(proc) -> list[str] | None:
-    """A child's command line; None for one that exited (or is a zombie) while the children were listed:
-    short-lived helpers such as ldconfig come and go during start-up."""
-    import psutil
-
-    try:
-        return proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
-
-
-@needs_ffcv
-def test_killed_writer_leaves_no_child_and_no_shared_memory(tmp_path):
-    """Before: an FFCV writer child could outlive a SIGKILLed parent, holding the temp file and /dev/shm."""
-    import psutil
-
-    script = tmp_path / "slow.py"
-    script.write_text(_SLOW_WRITER.format(root=str(ROOT), out=str(tmp_path / "x.beton")))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parent = psutil.Process(proc.pid)
-    children: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail("the writer finished before it could be killed")
-            # forked workers share the parent's command line (not the resource tracker, not ldconfig)
-            children = [c for c in parent.children() if _cmdline(c) == parent.cmdline()]
-            if len(children) >= 2 and list(tmp_path.glob(".x.beton.*tmp-*")):
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the writer's workers never started")
-        time.sleep(0.5)  # let them pick up work
-        segments = {m.path for m in parent.memory_maps() if m.path.startswith("/dev/shm/")}
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-        _, alive = psutil.wait_procs(children, timeout=5)
-        assert not alive, f"writer workers outlived their parent: {[c.pid for c in alive]}"
-        deadline = time.monotonic() + 10
-        while any(os.path.exists(s) for s in segments) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [s for s in segments if os.path.exists(s)]
-    finally:
-        for c in children:
-            if c.is_running():
-                c.kill()
-    # the re-run's converter removes the killed run's temporary
-    from ressl.io import remove_stale_temps
-
-    assert remove_stale_temps(tmp_path) and not list(tmp_path.glob(".x.beton*"))
 
 
 def test_manifest_records_fingerprint_and_order(tmp_path):
@@ -306,44 +181,7 @@ def test_manifest_records_fingerprint_and_order(tmp_path):
     assert "permutation" in manifest["order"]["rule"] and manifest["skipped_classes"] == []
 
 
-def test_killed_conversion_leaves_no_encode_worker(tmp_path):
-    """The encode pass's worker pool dies with a SIGKILLed `make dataset` too (WORKERS=2)."""
-    import psutil
-
-    src = tmp_path / "src" / "cls"
-    src.mkdir(parents=True)
-    _save(src / "0.png", np.zeros((8, 8, 3), np.uint8))
-    data = (src / "0.png").read_bytes()
-    for k in range(1, 4000):
-        (src / f"{k}.png").write_bytes(data)
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "tools" / "dataset.py"), "folder", "--src", str(tmp_path / "src"), "--out",
-           str(out), "--formats", "rec", "--workers", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parent = psutil.Process(proc.pid)
-    workers: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            workers = [c for c in parent.children() if _cmdline(c) == parent.cmdline()]
-            if len(workers) >= 2 and list((out / "folder").glob(".train.rec.tmp-*")):
-                break
-            time.sleep(0.01)
-        else:
-            pytest.fail("the conversion finished (or never started its workers) before it could be killed")
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-        _, alive = psutil.wait_procs(workers, timeout=5)
-        assert not alive, f"encode workers outlived their parent: {[c.pid for c in alive]}"
-    finally:
-        for c in workers:
-            if c.is_running():
-                c.kill()
-
-
 def test_cli_seed_option_reaches_the_manifest(tmp_path):
-    import importlib.util
-
     _class_sorted_tree(tmp_path / "src", classes=2, per_class=3)
     spec = importlib.util.spec_from_file_location("dataset_tool_seed", ROOT / "tools" / "dataset.py")
     tool = importlib.util.module_from_spec(spec)
@@ -358,23 +196,15 @@ def test_cli_seed_option_reaches_the_manifest(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# a failing writer ends the conversion cleanly (issue "Reliability, second round", case 1)
-
-
-def _save_q(path: Path, image: np.ndarray, quality: int = 90) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path, format="JPEG", quality=quality)
-    return path
+# oversized samples and failing writes end the conversion cleanly
 
 
 def _small_jpegs_and(root: Path, big: np.ndarray, quality: int = 90) -> Path:
-    """24 JPEGs of 40x32 plus one big JPEG in one class folder (the probe's reproduction)."""
+    """24 JPEGs of 40x32 plus one big JPEG in one class folder."""
     rng = np.random.default_rng(0)
     for k in range(24):
-        _save_q(root / "a" / f"{k:02d}.jpg", rng.integers(0, 256, (32, 40, 3), dtype=np.uint8))
-    return _save_q(root / "a" / "big.jpg", big, quality)
+        save_image(root / "a" / f"{k:02d}.jpg", rng.integers(0, 256, (32, 40, 3), dtype=np.uint8), "JPEG", quality=90)
+    return save_image(root / "a" / "big.jpg", big, "JPEG", quality=quality)
 
 
 def _tool(args: list[str], timeout: int = 180, **kw) -> subprocess.CompletedProcess:
@@ -410,8 +240,6 @@ def test_oversized_image_in_raw_mode_is_resized_to_fit_a_page(tmp_path):
 def test_sample_too_large_for_a_page_ends_with_the_file_named(tmp_path, caplog):
     """A JPEG-encoded sample over FFCV's 8 MiB page: one error line naming the file and the cause, exit 2,
     nothing left behind (FFCV's writer hung here, its worker dead)."""
-    import importlib.util
-
     noise = np.random.default_rng(1).integers(0, 256, (2200, 2200, 3), dtype=np.uint8)
     big = _small_jpegs_and(tmp_path / "src", noise, quality=100)
     spec = importlib.util.spec_from_file_location("dataset_tool_page", ROOT / "tools" / "dataset.py")
@@ -437,7 +265,7 @@ def _file_size_limit(limit: int):
 
 @needs_ffcv
 def test_full_disk_ends_with_the_file_named_and_nothing_left(tmp_path):
-    """A write that fails (the file-size limit stands in for a full disk, as a 2 MB tmpfs did in the probe):
+    """A write that fails (the file-size limit stands in for a full disk, as a 2 MB tmpfs would):
     before, FFCV's worker died and the converter spun; now one error line, exit 2, no temporaries."""
     _class_sorted_tree(tmp_path / "src", classes=2, per_class=2, side=8)
     # The .rec fits and is renamed into place; the .beton's first page (at 8 MiB) does not, and fails
@@ -447,24 +275,6 @@ def test_full_disk_ends_with_the_file_named_and_nothing_left(tmp_path):
     assert rc.returncode == 2 and "Traceback" not in rc.stderr, rc.stderr
     assert "folder/train: writing" in rc.stderr and "train.beton: File too large" in rc.stderr
     assert not list((tmp_path / "out" / "folder").glob("train*")) and _leftovers(tmp_path) == []
-
-
-def _die_on(fatal: int, i: int) -> int:
-    if i == fatal:
-        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer or a crashing decoder would
-    time.sleep(0.01)
-    return i * i
-
-
-def test_a_dead_worker_ends_the_map_naming_its_item():
-    """multiprocessing.Pool.imap waits forever for a SIGKILLed worker's result; ordered_map raises."""
-    from pipelines.formats.children import WorkerDiedError, ordered_map
-
-    assert list(ordered_map(_die_on, [1, 2, 3, 4], 2, state=7, chunk_size=1)) == [1, 4, 9, 16]
-    t0 = time.monotonic()
-    with pytest.raises(WorkerDiedError, match=r"while working on file-7; nothing was written"):
-        list(ordered_map(_die_on, list(range(40)), 2, state=7, chunk_size=2, describe=lambda i: f"file-{i}"))
-    assert time.monotonic() - t0 < 30
 
 
 def test_conversion_locks_its_output_directory(tmp_path):
@@ -493,14 +303,14 @@ def test_finished_check_verifies_the_recorded_hashes(tmp_path, caplog):
     convert(source, tmp_path / "a", ConvertOptions(formats=("rec",), seed=0, **QUIET))
     convert(source, tmp_path / "b", ConvertOptions(formats=("rec",), seed=1, **QUIET))
     a, b = tmp_path / "a" / "folder", tmp_path / "b" / "folder"
-    mine = _sha(a / "train.rec")
+    mine = sha256(a / "train.rec")
     for f in ("train.rec", "train.idx"):
         assert (a / f).stat().st_size == (b / f).stat().st_size
         (a / f).write_bytes((b / f).read_bytes())
     with caplog.at_level(logging.WARNING):
         convert(source, tmp_path / "a", ConvertOptions(formats=("rec",), seed=0, **QUIET))
     assert "SHA-256 differs from the manifest's" in caplog.text and "rebuilding it" in caplog.text
-    assert _sha(a / "train.rec") == mine
+    assert sha256(a / "train.rec") == mine
 
 
 @needs_ffcv
@@ -510,7 +320,8 @@ def test_each_image_is_decoded_once_for_the_scan_the_rec_and_the_beton(tmp_path,
 
     rng = np.random.default_rng(3)
     for k in range(12):
-        _save_q(tmp_path / "src" / f"c{k % 2}" / f"{k}.jpg", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), 90)
+        save_image(tmp_path / "src" / f"c{k % 2}" / f"{k}.jpg", rng.integers(0, 256, (48, 64, 3), dtype=np.uint8),
+                   "JPEG", quality=90)
     loads = []
     real = ImageFile.ImageFile.load
     # count decodes, not the cheap calls on an image already loaded (tile empty)

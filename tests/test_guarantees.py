@@ -1,7 +1,8 @@
 """The README's "Guarantees", tested as stated: a real SIGKILL of `tools/train.py` mid-run, then the same command.
 
-Other guarantees (lock, finished runs, refused resume changes, bad files per backend, atomic conversion) have
-their own tests in test_reliability*.py; this one needs a real process to kill, so it lives apart.
+Other guarantees (lock, finished runs, refused resume changes, bad files per backend, atomic conversion) are
+tested with the module they concern (test_run, test_run_safety, test_samples, test_convert, ...); this one
+needs a real process to kill, so it lives apart.
 """
 
 from __future__ import annotations

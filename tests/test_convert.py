@@ -23,6 +23,7 @@ from data_files import read_beton, save_image, sha256
 from pipelines.formats.convert import ConvertOptions, convert, record_order
 from pipelines.formats.recordio import RecordIOReader
 from pipelines.formats.sources import SourceError, build_source
+from tools import dataset as dataset_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False)
@@ -183,16 +184,13 @@ def test_manifest_records_fingerprint_and_order(tmp_path):
 
 def test_cli_seed_option_reaches_the_manifest(tmp_path):
     _class_sorted_tree(tmp_path / "src", classes=2, per_class=3)
-    spec = importlib.util.spec_from_file_location("dataset_tool_seed", ROOT / "tools" / "dataset.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--formats", "rec",
-                      "--seed", "5", "--no-progress"]) == 0
+    assert dataset_tool.main(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--formats",
+                              "rec", "--seed", "5", "--no-progress"]) == 0
     out = tmp_path / "out" / "folder"
     assert json.loads((out / "manifest.json").read_text())["order"]["seed"] == 5
     assert [r.id for r in RecordIOReader(out / "train.rec", out / "train.idx")] == record_order(5, "train", 6).tolist()
     with pytest.raises(SystemExit):
-        tool.main(["folder", "--src", str(tmp_path / "src"), "--beton-mode", "png"])
+        dataset_tool.main(["folder", "--src", str(tmp_path / "src"), "--beton-mode", "png"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,12 +240,10 @@ def test_sample_too_large_for_a_page_ends_with_the_file_named(tmp_path, caplog):
     nothing left behind (FFCV's writer hung here, its worker dead)."""
     noise = np.random.default_rng(1).integers(0, 256, (2200, 2200, 3), dtype=np.uint8)
     big = _small_jpegs_and(tmp_path / "src", noise, quality=100)
-    spec = importlib.util.spec_from_file_location("dataset_tool_page", ROOT / "tools" / "dataset.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     with caplog.at_level(logging.ERROR):
-        assert tool.main(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--formats",
-                          "beton", "--beton-mode", "jpg", "--quality", "100", "--workers", "2", "--no-progress"]) == 2
+        assert dataset_tool.main(["folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                                  "--formats", "beton", "--beton-mode", "jpg", "--quality", "100", "--workers", "2",
+                                  "--no-progress"]) == 2
     (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert f"{big}: its encoded image is" in error and "more than one 8 MiB .beton page" in error
     assert "--max-side" in error

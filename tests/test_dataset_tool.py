@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -21,6 +20,7 @@ import pytest
 from pipelines.formats.convert import ConvertError, ConvertOptions, convert, inspect_image, record_order
 from pipelines.formats.recordio import RecordIOReader, read_recordio
 from pipelines.formats.sources import SourceError, build_source, demo_source
+from tools import dataset as dataset_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "dataset.py"
@@ -75,11 +75,8 @@ def test_demo_source_is_stratified_real_digits():
 
 
 def _tool_main():
-    """tools/dataset.py's main(), imported in-process (the script is not in a package)."""
-    spec = importlib.util.spec_from_file_location("dataset_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """tools/dataset.py's main(), in process."""
+    return dataset_tool.main
 
 
 def test_demo_cli_writes_tree_rec_and_manifest(tmp_path, caplog):
@@ -403,10 +400,7 @@ def _run_tool(*args: str) -> subprocess.CompletedProcess:
 
 
 def _tool_module():
-    spec = importlib.util.spec_from_file_location("dataset_tool_inproc", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return dataset_tool
 
 
 def test_junk_cifar_archive_is_one_error_line_naming_the_file(tmp_path, caplog):

@@ -83,9 +83,10 @@ def test_finished_run_is_left_alone_and_a_longer_schedule_continues(image_folder
     assert longer["steps"] == 7 and len(longer["losses"]) == 3
     r = rows(run)
     assert [int(x["step"]) for x in r] == list(range(1, 8))  # no step twice
-    # steps 5..7 run at the new schedule's lr (cosine over 7 steps), re-spread from the resumed step
+    # steps 5..7 run at the new schedule's lr (cosine over 7 steps), re-spread from the resumed step; a row
+    # holds the lr of the step it logs (1-based step s ran at the 0-based schedule position s - 1)
     for x in r[4:]:
-        assert float(x["lr"]) == pytest.approx(0.2 * 8 / 256 * lr_factor(int(x["step"]), 0, 7), rel=1e-6)
+        assert float(x["lr"]) == pytest.approx(0.2 * 8 / 256 * lr_factor(int(x["step"]) - 1, 0, 7), rel=1e-6)
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 7
 
 
@@ -317,7 +318,7 @@ def test_nan_message_gives_a_command_that_resumes_with_a_lower_lr(image_folder, 
     r = rows(tmp_path / "nan")
     assert [int(x["step"]) for x in r] == [3, 6, 8]  # the row before the checkpoint (step 4) kept, none twice
     for x in r[1:]:  # the halved lr really applies after the resume
-        assert float(x["lr"]) == pytest.approx(0.1 * 8 / 256 * lr_factor(int(x["step"]), 0, 8), rel=1e-6)
+        assert float(x["lr"]) == pytest.approx(0.1 * 8 / 256 * lr_factor(int(x["step"]) - 1, 0, 8), rel=1e-6)
 
     fresh_cmd = next(line.strip() for line in msg.splitlines() if "resume=no" in line)
     cfg2 = train.parse_args(shlex.split(fresh_cmd)[2:])

@@ -91,6 +91,33 @@ def test_resume_gives_the_same_losses(image_folder, tmp_path, monkeypatch):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
 
 
+def test_each_metrics_row_holds_the_lr_momentum_and_infonce_weight_its_step_ran_with(image_folder, tmp_path,
+                                                                                      monkeypatch):
+    """The optimiser's lr, the EMA momentum and the InfoNCE weight the step really used, row by row (warm-up
+    and cosine both visible: 2 warm-up epochs of 3 steps, 9 steps, InfoNCE warm-up 1 epoch + 1 blended)."""
+    from ressl.step import TrainStep
+
+    used: list[tuple[float, float, float]] = []
+    real_call = TrainStep.__call__
+
+    def recording(self, weak, strong, *, momentum, infonce_weight=0.0, lr=None):
+        out = real_call(self, weak, strong, momentum=momentum, infonce_weight=infonce_weight, lr=lr)
+        used.append((self.optimizer.param_groups[0]["lr"], momentum, infonce_weight))
+        return out
+
+    monkeypatch.setattr(TrainStep, "__call__", recording)
+    train.main(small_config(image_folder, tmp_path, "name=cols", "max_steps=9", "warmup_epochs=2",
+                            "momentum_schedule=cosine", "warmup_infonce_epochs=1", "infonce_blend_epochs=1"))
+    rows = list(csv.DictReader(open(tmp_path / "cols" / "metrics.csv", newline="")))
+    logged = [(float(r["lr"]), float(r["momentum"]), float(r["infonce_weight"])) for r in rows if r["loss"]]
+    assert len(used) == len(logged) == 9
+    for (lr, m, w), (lr_row, m_row, w_row) in zip(used, logged):
+        assert lr_row == pytest.approx(lr, rel=1e-6) and m_row == pytest.approx(m) and w_row == pytest.approx(w)
+    lrs = [u[0] for u in used]  # 6 warm-up steps up to the peak, which the cosine starts from, then down
+    assert lrs[:6] == sorted(set(lrs[:6])) and lrs[5] == lrs[6] and lrs[6:] == sorted(set(lrs[6:]), reverse=True)
+    assert used[0][2] == 1.0 and used[-1][2] == 0.0 and used[0][1] < used[-1][1]
+
+
 def test_nan_loss_stops_with_a_clear_message(image_folder, tmp_path, monkeypatch):
     from ressl.method import ReSSL
 

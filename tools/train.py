@@ -327,24 +327,22 @@ def train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: st
                 if step % cfg.log_every == 0 or step == total_steps:
                     # host sync: the only one per log_every steps (loss values + the non-finite flag)
                     if train_step.nonfinite.item():
-                        raise NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(step), ckpt_path, nproc))
+                        raise NonFiniteLossError(nan_message(cfg, step, epoch, lr, ckpt_path, nproc))
                     now = time.perf_counter()
                     ips = images_per_step * (step - step_last) / (now - t_last)
                     t_last, step_last = now, step
                     vals = {k: v.item() for k, v in metrics.items()}
                     losses.append(vals["loss"])
-                    # the lr column holds the lr of the coming step (as torch's LambdaLR reported it)
-                    runlog.row(step, epoch=epoch, lr=schedule.lr(step), momentum=m, infonce_weight=w_nce,
-                               images_per_s=ips, **vals)
+                    # lr, momentum and InfoNCE weight of the step just taken, beside its losses
+                    runlog.row(step, epoch=epoch, lr=lr, momentum=m, infonce_weight=w_nce, images_per_s=ips, **vals)
                     warning = collapse.observe(step, vals["loss_rel"], vals["key_std"], w_nce,
                                                relation_trained=cfg.w_rel > 0)
                     if warning and is_main:
                         log.warning(warning)
-                    bar.set_postfix(loss=f"{vals['loss']:.4f}", m=f"{m:.4f}", lr=f"{schedule.lr(step):.3g}",
-                                    img_s=f"{ips:.0f}")
+                    bar.set_postfix(loss=f"{vals['loss']:.4f}", m=f"{m:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}")
                 if step % cfg.ckpt_every == 0 and step < total_steps:
                     if train_step.nonfinite.item():  # host sync; never save a state that has seen a NaN
-                        raise NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(step), ckpt_path, nproc))
+                        raise NonFiniteLossError(nan_message(cfg, step, epoch, lr, ckpt_path, nproc))
                     history["collapse"] = collapse.state_dict()
                     save_run(accelerator, ckpt_path, cfg, core, optimizer, step, position, history, runlog.rows)
                 if step >= total_steps:
@@ -360,7 +358,7 @@ def train(cfg: Config, spec: RecipeSpec, accelerator: Accelerator, precision: st
 
     # --- save -------------------------------------------------------------------------------------------
     if train_step.nonfinite.item():
-        raise NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(step), ckpt_path, nproc))
+        raise NonFiniteLossError(nan_message(cfg, step, epoch, schedule.lr(max(step - 1, 0)), ckpt_path, nproc))
     final_knn = knn_row(cfg, spec, core, accelerator, runlog, history, step, "after training")
     history["collapse"] = collapse.state_dict()
     save_run(accelerator, ckpt_path, cfg, core, optimizer, step, position, history, runlog.rows)

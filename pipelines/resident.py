@@ -69,7 +69,7 @@ class ResidentLoader:
                  batch_size: int, device: torch.device, rank: int, world_size: int, seed: int,
                  channels_last: bool, out_dtype: torch.dtype, bad_files: int = 0):
         self.images = images.permute(0, 3, 1, 2).contiguous().to(device)  # [N,3,H,W] uint8
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64)  # a copy: the stored array is read-only
         self.indices = np.asarray(indices, np.int64)
         self.spec, self.batch_size, self.device = spec, batch_size, device
         self.rank, self.world_size, self.seed = rank, world_size, seed

@@ -71,6 +71,16 @@ def loss_trend(csv_path: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+def train_line(info: dict[str, Any]) -> str:
+    """The training step's one-line result: steps, precision, backend, loss and trend, images/s, checks."""
+    losses, n = info["losses"], info["config"]["max_steps"]
+    line = (f"{n} steps, precision {info['precision']}, {info['backend']}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            if losses else f"{n} steps, no loss logged")
+    line += "".join(f" ({k} {a:.3f} -> {b:.3f})" for k, (a, b) in info["trend"].items() if k != "loss")
+    line += f", {info['images_per_s']:,.0f} {UNIT}" if info["images_per_s"] else ""
+    return line + "; " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in info["checks"].items())
+
+
 def earlier_report(out: Path, plan: Plan, selected: list[str]) -> dict[str, Any] | None:
     """The report of an earlier call in ``out`` (same plan), without the steps this call runs again."""
     try:

@@ -260,6 +260,7 @@ def test_cpu_quick_plan_runs_every_step(tmp_path):
     assert checks["finite"] and checks["checkpoint"] and checks["resumed"] and checks["resumed_finite"], train
     assert isinstance(checks["falling"], bool) and train["steps"] == 8 and train["resume_to"] == 10
     assert steps["train"]["status"] == ("ok" if checks["falling"] else "failed")
+    assert steps["train"]["summary"].startswith("8 steps, precision no, TorchvisionLoader: loss "), steps["train"]
     assert (out / "train" / "run" / "last.pt").is_file() and (out / "logs" / "train-resume.log").is_file()
     written = json.loads((out / "gpucheck.json").read_text())
     assert written["schema"] == 2 and written["unit"] == "images/s" and written["kind"] == "gpucheck"

@@ -35,6 +35,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,7 @@ from harness.gpureport import (  # noqa: E402
     junit_rows,
     loss_falling,
     loss_trend,
+    train_line,
     write_report,
 )
 
@@ -183,8 +185,8 @@ def _bench(ctx: Context, label: str, step: str, extra: Sequence[str], timeout: f
     if o.status != "ok" or not out.is_file():
         return o, []
     report = json.loads(out.read_text())
-    ctx.report.setdefault("bench", {})[label] = {k: report.get(k) for k in ("args", "config", "recipe", "data",
-                                                                               "stages", "bottlenecks")}
+    keep = ("args", "config", "recipe", "data", "stages", "bottlenecks")
+    ctx.report.setdefault("bench", {})[label] = {k: report.get(k) for k in keep}
     rows = [{**r, "step": step, "label": label} for r in report["results"]]
     for r in rows:
         if "is not installed" in (r.get("error") or ""):
@@ -336,9 +338,7 @@ def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
         if prep.status != "ok":
             return {"status": prep.status, "reason": "cannot generate the bench set", "log_tail": prep.tail}
     run_dir = ctx.out / "train" / "run"
-    if run_dir.exists():  # a fresh run every time: resume=auto must not pick up an older check's checkpoint
-        for p in sorted(run_dir.rglob("*"), reverse=True):
-            p.unlink() if p.is_file() else p.rmdir()
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: resume=auto must not pick up an older checkpoint
     n1, n2 = ctx.plan.train_steps, ctx.plan.train_steps + ctx.plan.resume_steps
     first = run_command(_train_cmd(ctx, data, n1), timeout=(end - time.perf_counter()) * 0.85,
                         log=ctx.out / "logs" / "train.log", env=ctx.plan.env)
@@ -372,12 +372,7 @@ def step_train(ctx: Context, timeout: float) -> dict[str, Any]:
         info["resume_error"] = second.tail
     info["checks"] = checks
     ok = all(checks.values())
-    summary = (f"{n1} steps, precision {s1['precision']}, {s1['backend']}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-               if losses else f"{n1} steps, no loss logged")
-    summary += "".join(f" ({k} {a:.3f} -> {b:.3f})" for k, (a, b) in info["trend"].items() if k != "loss")
-    summary += f", {info['images_per_s']:,.0f} {UNIT}" if info["images_per_s"] else ""
-    summary += "; " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items())
-    out: dict[str, Any] = {"status": "ok" if ok else "failed", "summary": summary}
+    out: dict[str, Any] = {"status": "ok" if ok else "failed", "summary": train_line(info)}
     if second.status != "ok":
         out["log_tail"] = second.tail
     return out

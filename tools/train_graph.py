@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import Tensor
 from torch_geometric.data import Data
 from tqdm import tqdm
 
@@ -91,6 +92,26 @@ def main(cfg: GraphConfig) -> dict[str, Any]:
         return _train(cfg, accelerator, precision, data, run_dir, t_begin)
 
 
+def evaluate(cfg: GraphConfig, core: RGRL, graph: tuple[Tensor, Tensor, Tensor, Any], step: int, tag: str,
+             history: dict[str, Any], runlog: RunLog) -> dict[str, Any]:
+    """Logistic regression on the student's frozen embeddings of ``graph`` = (x, edge_index, y, splits), logged
+    and appended to ``history["evals"]`` at ``step`` (its own generator: the training RNG is untouched)."""
+    x, edge_index, y, splits = graph
+    res = linear_probe_splits(core.embed(x, edge_index), y, *splits, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+                              seed=cfg.seed)
+    log.info("node accuracy %s: test %s, val %.2f%%", tag, _fmt(res), res["val_mean"])
+    history["evals"].append({"step": step, **{k: v for k, v in res.items() if k != "test_accs"}})
+    runlog.row(step, acc_val=res["val_mean"], acc_test=res["test_mean"], acc_test_std=res["test_std"])
+    return res
+
+
+def save_graph_run(path: Path, cfg: GraphConfig, core: RGRL, optimizer: torch.optim.Optimizer, step: int,
+                   history: dict[str, Any], runlog: RunLog) -> None:
+    """``last.pt``: model, optimiser, step, evaluation history, the metrics rows written so far, RNG, config."""
+    save_checkpoint(path, {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                           "history": history, "log_rows": runlog.rows, **rng_state(), "config": cfg.to_dict()})
+
+
 def _train(cfg: GraphConfig, accelerator: Accelerator, precision: str, data: Data, run_dir: Path,
            t_begin: float) -> dict[str, Any]:
     set_seed(cfg.seed)
@@ -132,22 +153,9 @@ def _train(cfg: GraphConfig, accelerator: Accelerator, precision: str, data: Dat
     runlog = RunLog(run_dir, True, resume_step=step if resume_from is not None else None, keep_rows=log_rows,
                     fields=FIELDS, eval_keys=EVAL_KEYS)
 
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {"model": core.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                    "history": history, "log_rows": runlog.rows, **rng_state(),
-                                    "config": cfg.to_dict()})
-
-    def evaluate(tag: str) -> dict[str, Any]:
-        """Logistic regression on the student's frozen embeddings (own generator: training RNG untouched)."""
-        res = linear_probe_splits(core.embed(x, edge_index), y, *splits, epochs=cfg.probe_epochs,
-                                  lr=cfg.probe_lr, seed=cfg.seed)
-        log.info("node accuracy %s: test %s, val %.2f%%", tag, _fmt(res), res["val_mean"])
-        history["evals"].append({"step": step, **{k: v for k, v in res.items() if k != "test_accs"}})
-        runlog.row(step, acc_val=res["val_mean"], acc_test=res["test_mean"], acc_test_std=res["test_std"])
-        return res
-
+    graph = (x, edge_index, y, splits)
     if cfg.eval_before and resume_from is None:
-        history["before"] = evaluate("before training (random-init encoder)")
+        history["before"] = evaluate(cfg, core, graph, step, "before training (random-init encoder)", history, runlog)
 
     # --- loop: one full-batch step per epoch --------------------------------------------------------------
     losses: list[float] = []
@@ -181,20 +189,20 @@ def _train(cfg: GraphConfig, accelerator: Accelerator, precision: str, data: Dat
             bar.set_postfix(loss=f"{vals['loss']:.4f}", steps_s=f"{sps:.1f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.epochs:
             t_eval = time.perf_counter()
-            evaluate(f"after step {step}")
+            evaluate(cfg, core, graph, step, f"after step {step}", history, runlog)
             t_last += time.perf_counter() - t_eval  # steps/s counts training only
         if step % cfg.ckpt_every == 0 and step < cfg.epochs:
             if nonfinite.item():  # host sync; never save a state that has seen a NaN
                 raise NonFiniteLossError(f"loss became NaN/inf before step {step}; stopping without saving.")
-            checkpoint()
+            save_graph_run(ckpt_path, cfg, core, optimizer, step, history, runlog)
     bar.close()
     train_s = time.perf_counter() - t_start
 
     # --- save -------------------------------------------------------------------------------------------
     if nonfinite.item():
         raise NonFiniteLossError(f"loss became NaN/inf by step {step}; stopping without saving.")
-    after = evaluate("after training")
-    checkpoint()
+    after = evaluate(cfg, core, graph, step, "after training", history, runlog)
+    save_graph_run(ckpt_path, cfg, core, optimizer, step, history, runlog)
     best = max(history["evals"], key=lambda e: e["val_mean"])  # the authors' model selection, for reference
     before = history.get("before")
     summary = {

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("torch_geometric", reason="the [graph] extra (torch_geometric) is not installed")
 
+from trainer_config import killed_during_step  # noqa: E402
+
 from ressl.config import ConfigError  # noqa: E402
 from ressl.graph.augment import drop_edges, mask_features  # noqa: E402
 from ressl.graph.config import load_graph_config  # noqa: E402
@@ -367,24 +369,10 @@ def _karate_cfg(tmp_path: Path, *extra: str):
                                     "eval_val_frac=0.2", "eval_test_frac=0.5", *extra])
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_resume_is_exact(tmp_path, monkeypatch):
+def test_resume_is_exact(tmp_path):
     full = train_graph.main(_karate_cfg(tmp_path, "name=full"))
-    real_update, calls = RGRL.update, {"n": 0}
-
-    def crashing_update(self, m):
-        calls["n"] += 1
-        if calls["n"] == 5:  # killed during step 5: the last checkpoint is from step 3
-            raise _Stop
-        return real_update(self, m)
-
-    monkeypatch.setattr(RGRL, "update", crashing_update)
-    with pytest.raises(_Stop):
+    with killed_during_step(RGRL, 5):  # the last checkpoint is from step 3
         train_graph.main(_karate_cfg(tmp_path, "name=cut"))
-    monkeypatch.setattr(RGRL, "update", real_update)
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == 3
     resumed = train_graph.main(_karate_cfg(tmp_path, "name=cut"))  # resume=auto
     assert _csv_losses(tmp_path / "cut") == _csv_losses(tmp_path / "full")  # bit-identical, no step twice

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_files import class_tree
-from trainer_config import small_args, small_config
+from trainer_config import killed_during_step, small_args, small_config
 
 from pipelines.spec import get_recipe
 from ressl.config import load_config
@@ -60,29 +60,15 @@ def test_loss_decreases_and_outputs_written(image_folder, tmp_path):
     assert ckpt["step"] == 20 and "queue.buffer" in ckpt["model"]
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_resume_gives_the_same_losses(image_folder, tmp_path, monkeypatch):
+def test_resume_gives_the_same_losses(image_folder, tmp_path):
     common = ["max_steps=8", "log_every=1", "ckpt_every=3", "lr=0.2"]
     train.main(small_cfg(image_folder, tmp_path, "name=full", *common))
     full = csv_losses(tmp_path / "full")
 
     from ressl.method import ReSSL
 
-    real_update, calls = ReSSL.update, {"n": 0}
-
-    def crashing_update(self, m):
-        calls["n"] += 1
-        if calls["n"] == 5:  # killed during step 5: the last checkpoint is from step 3
-            raise _Stop
-        return real_update(self, m)
-
-    monkeypatch.setattr(ReSSL, "update", crashing_update)
-    with pytest.raises(_Stop):
+    with killed_during_step(ReSSL, 5):  # the last checkpoint is from step 3
         train.main(small_cfg(image_folder, tmp_path, "name=cut", *common))
-    monkeypatch.setattr(ReSSL, "update", real_update)
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == 3
     train.main(small_cfg(image_folder, tmp_path, "name=cut", *common))  # resume=auto
     resumed = csv_losses(tmp_path / "cut")

@@ -1,6 +1,12 @@
-"""The small trainer config the training tests share: a few CPU steps on the tiny image folder."""
+"""What the training tests share: the small trainer config (a few CPU steps on the tiny image folder), and a
+run killed during a chosen step."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
 
 from ressl.config import Config, load_config
 
@@ -18,3 +24,27 @@ def small_args(**changes) -> list[str]:
 def small_config(data, out, *extra: str, **changes) -> Config:
     """The base config on ``data``, writing under ``out``, then ``extra`` overrides."""
     return load_config(None, [f"data={data}", f"out_dir={out}", *small_args(**changes), *extra])
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a training step."""
+
+
+@contextmanager
+def killed_during_step(method: type, step: int) -> Iterator[None]:
+    """Within the block, ``method.update`` (the EMA + queue update that ends every step of ReSSL and RGRL)
+    raises :class:`Killed` during optimiser step ``step`` (1-based), which the block must end with."""
+    real, calls = method.update, {"n": 0}
+
+    def update(self, momentum):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise Killed
+        return real(self, momentum)
+
+    method.update = update
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        method.update = real

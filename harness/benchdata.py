@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.formats import FORMATS, RAW_MAX_SIDE
+from pipelines.formats.options import all_cores as cores
 from pipelines.formats.synthetic import GENERATOR_VERSION, QUALITY, class_dir_name, make_jpeg  # the one generator
 from ressl.io import atomic_write_json, remove_stale_temps, replace_dir
 
@@ -128,7 +129,7 @@ def ensure_images(num_images: int = 2048, seed: int = 0, base: str | os.PathLike
         for c in range(NUM_CLASSES):
             (staging / f"c{c:03d}").mkdir()
         jobs = [(staging, i, seed) for i in range(num_images)]
-        workers = max(1, min(workers or os.cpu_count() or 1, num_images))
+        workers = max(1, min(workers or cores(), num_images))
         log.info("generating %d bench JPEGs into %s with %d process(es)", num_images, root, workers)
         if workers == 1:
             done = [_write_one(j) for j in jobs]

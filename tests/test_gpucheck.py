@@ -56,6 +56,22 @@ def test_gpu_plan_without_cuda_points_to_the_cpu_plan(tmp_path, capsys):
     assert "run with --cpu" in capsys.readouterr().err
 
 
+def test_a_machine_without_torch_gets_a_message_not_a_traceback(tmp_path):
+    """The host process imports torch only when it checks for it: with torch unimportable, one message, exit 2."""
+    code = ("import runpy, sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ImportError('no torch on this machine')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            f"sys.argv = ['gpucheck.py', '--out', {str(tmp_path / 'out')!r}]\n"
+            f"runpy.run_path({str(ROOT / 'tools' / 'gpucheck.py')!r}, run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "torch is not importable (no torch on this machine)" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_gpu_plan_is_the_issues_run():
     plan = gpucheck.PLANS["gpu"]
     labels = {**dict(plan.model_rows), **dict(plan.compile_rows)}

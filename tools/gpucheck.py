@@ -70,7 +70,6 @@ from harness.gpureport import (  # noqa: E402
     train_line,
     write_report,
 )
-from harness.machine import cores  # noqa: E402
 
 __all__ = ["PLANS", "STEPS", "Plan", "build_parser", "format_markdown", "main", "run_command", "run_plan"]
 
@@ -454,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma list of {','.join(STEPS)} (default: all)")
     p.add_argument("--append", action="store_true", help="keep the other steps of the report already in --out "
                                                          "(an earlier call of the same plan)")
-    p.add_argument("--workers", type=int, default=cores(), help="loader workers (default: the cores this process "
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: the cores this process "
                                                              "may use; torchvision's are cut to fit /dev/shm)")
     p.add_argument("--bench-dir", default="data/bench", help="cache of the generated bench set (default data/bench)")
     p.add_argument("--site", default="/tmp/site", help="where the carried wheels are installed (default /tmp/site)")
@@ -475,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.budget_s = 240.0 if args.cpu else 540.0
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.workers is None:  # not harness.machine.cores: importing it imports torch, which this host process
+        # imports only after the check below (a missing torch is a message, not a traceback)
+        args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if Path(args.out).exists() and not Path(args.out).is_dir():

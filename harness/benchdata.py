@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from harness.machine import cores
 from pipelines.formats import FORMATS, RAW_MAX_SIDE
-from pipelines.formats.options import all_cores as cores
 from pipelines.formats.synthetic import GENERATOR_VERSION, QUALITY, class_dir_name, make_jpeg  # the one generator
 from ressl.io import atomic_write_json, remove_stale_temps, replace_dir
 
